@@ -1,0 +1,450 @@
+"""The reader: a dataset dir's shards -> batches for training or evaluation.
+
+`load()` turns a dir written by `pipeline.make_tfrecords` (or any TFDS dataset
+dir with image/features + label) into a `tf.data.Dataset` of full, statically
+shaped batches, for one machine or for one input pipeline of a
+`tf.distribute` strategy (`distribute_datasets_from_function`).
+
+Everything the reader needs comes from the metadata (`pipeline.metadata`):
+feature kind and shape, class count, the shard files and how many records
+each holds. Parsing is `pipeline.records`' spec and image decoder.
+
+The training stream is a pure function of (seed, epoch, input pipeline):
+
+  epoch e:  shuffle this pipeline's file order with seed (seed, e)
+            -> interleave the files (deterministic) -> shuffle buffer seeded
+            with (seed, e) -> records of epoch e
+  stream:   epochs start_epoch, start_epoch + 1, ... concatenated, then
+            batched (batches run across epoch boundaries, none are dropped)
+
+so resuming at global step k needs no iterator state: the examples this
+pipeline consumed in k steps are arithmetic (per-replica batch x replicas fed
+by this pipeline x k), whole epochs are skipped by numbering, and the rest of
+the epoch is skipped as raw records before anything is parsed. That matters
+because iterators of distributed datasets cannot be checkpointed under
+Mirrored/MultiWorkerMirrored strategies (TF 2.21), while a step can.
+
+Pipelines get whole files (`files[pipeline_id::num_pipelines]`) when there
+are at least as many files as pipelines, else every pipeline reads every file
+and keeps every num_pipelines-th record (logged as a warning: each pipeline
+then reads all the bytes).
+
+Speed (bench/input.py measures it): records are batched before parsing
+(`parse_example` on a batch is several times cheaper than per record), images
+are decoded inside the batched map, maps run in parallel, prefetch is last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from absl import logging
+import tensorflow as tf
+
+from pipeline import metadata
+from pipeline import records
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Files read at once by the training interleave: enough to mix shards and to
+# hide per-file latency on remote storage, few enough to bound read buffers.
+INTERLEAVE_CYCLE_LENGTH = 16
+# Per-file read buffer; TF's default (256 KiB) is tuned for local disks.
+READ_BUFFER_BYTES = 8 << 20
+# Padding a random crop adds on each side of the image (CIFAR-style).
+CROP_PADDING = 4
+
+
+def info(data_dir: str) -> metadata.DatasetInfo:
+  """The dataset's metadata (schema, splits, shard lengths); see metadata.read."""
+  return metadata.read(data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PipelineShare:
+  """What one input pipeline reads of a split.
+
+  files, lengths: the files it opens and their record counts.
+  record_sharded: it keeps every num_pipelines-th record of what it reads
+    (fewer files than pipelines) instead of whole files.
+  num_examples: records it yields per pass over the split.
+  """
+  files: tuple
+  lengths: tuple
+  record_sharded: bool
+  num_pipelines: int
+  pipeline_id: int
+  num_examples: int
+
+
+def _share(split: metadata.Split, num_pipelines: int, pipeline_id: int,
+           lengths: tuple) -> _PipelineShare:
+  files = split.files
+  if len(files) >= num_pipelines:
+    mine = slice(pipeline_id, None, num_pipelines)
+    return _PipelineShare(files[mine], lengths[mine], False, num_pipelines,
+                          pipeline_id, sum(lengths[mine]))
+  total = sum(lengths)
+  mine = len(range(pipeline_id, total, num_pipelines))
+  return _PipelineShare(files, lengths, True, num_pipelines, pipeline_id, mine)
+
+
+def _count_readable(path: str, compression: str | None) -> int:
+  records_read = tf.data.TFRecordDataset(path, compression or "")
+  return int(records_read.ignore_errors().reduce(
+      tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+def _readable_lengths(split: metadata.Split, files: tuple,
+                      compression: str | None) -> tuple:
+  """Counts the readable records of `files` (skip_bad_records=True).
+
+  A CRC mismatch ends TF's reading of a file, so a bad record costs the rest
+  of its file; the count is what the stream will really yield, which keeps
+  the resume arithmetic exact. Every loss is logged with its file.
+  """
+  expected = dict(zip(split.files, split.shard_lengths))
+  lengths = dict(expected)
+  lost_total = 0
+  for path in files:
+    readable = _count_readable(path, compression)
+    if readable != expected[path]:
+      lost = expected[path] - readable
+      lost_total += lost
+      logging.warning("skip_bad_records: %s: %d of %d records unreadable "
+                      "(corrupt or truncated), skipped", path, lost,
+                      expected[path])
+    lengths[path] = readable
+  if lost_total:
+    logging.warning("skip_bad_records: split %s: %d bad records skipped in "
+                    "total", split.name, lost_total)
+  return tuple(lengths[path] for path in split.files)
+
+
+def _read_shard(path, expected_count, compression: str | None):
+  """The records of one shard; stops with an error naming the file when the
+  file does not hold exactly `expected_count` readable records.
+
+  TF's own DataLossError says "corrupted record at 480" without the file, so
+  errors are swallowed per file and the count is checked at its end instead.
+  """
+  shard = tf.data.TFRecordDataset(path, compression or "",
+                                  buffer_size=READ_BUFFER_BYTES)
+  shard = shard.ignore_errors()
+  shard = shard.map(lambda record: (record, True))
+  shard = shard.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""),
+                                                          False)))
+  shard = shard.scan(tf.constant(0, tf.int64),
+                     lambda count, item: (count + tf.cast(item[1], tf.int64),
+                                          (count, item[0], item[1])))
+
+  def is_record(count_before, record, real):
+    del record
+    check = tf.debugging.Assert(
+        tf.logical_or(real, tf.equal(count_before, expected_count)),
+        [tf.strings.join([
+            path, ": read ", tf.strings.as_string(count_before),
+            " records, the metadata says ",
+            tf.strings.as_string(expected_count),
+            " (corrupt or truncated shard; load(skip_bad_records=True) "
+            "skips and counts bad records)"])])
+    with tf.control_dependencies([check]):
+      return tf.identity(real)
+
+  shard = shard.filter(is_record)
+  return shard.map(lambda count, record, real: record)
+
+
+def _read_shard_skipping_bad(path, expected_count, compression: str | None):
+  del expected_count  # already counted by _readable_lengths
+  shard = tf.data.TFRecordDataset(path, compression or "",
+                                  buffer_size=READ_BUFFER_BYTES)
+  return shard.ignore_errors()
+
+
+def _parse_batch(schema: records.Schema, image_size):
+  """Serialized Examples [B] -> (inputs [B, ...], labels [B])."""
+  spec = records.parse_spec(schema)
+
+  def parse(serialized):
+    parsed = tf.io.parse_example(serialized, spec)
+    labels = parsed[records.LABEL_KEY]
+    if schema.kind != "image":
+      return parsed[records.FEATURES_KEY], labels
+    decoded = records.decode_image(parsed[records.IMAGE_KEY][0], schema,
+                                   image_size)  # traced once for the shape
+    images = tf.map_fn(
+        lambda encoded: records.decode_image(encoded, schema, image_size),
+        parsed[records.IMAGE_KEY],
+        fn_output_signature=tf.TensorSpec(decoded.shape, tf.uint8))
+    return images, labels
+
+  return parse
+
+
+def _augment(seed: int, pipeline_id: int):
+  """(batch index, (images, labels)) -> randomly cropped/flipped images.
+
+  Random crop with CROP_PADDING zero pixels per side and a horizontal flip,
+  per example, vectorised over the batch. Randomness is stateless, keyed by
+  (seed, batch index, pipeline), so a resumed stream augments identically.
+  """
+
+  def augment(batch_index, batch):
+    images, labels = batch
+    key = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(seed, tf.int64), batch_index]), pipeline_id)
+    crop_key, flip_key = tf.unstack(
+        tf.random.experimental.stateless_split(key, num=2))
+    batch_size, height, width, _ = images.shape
+    padded = tf.pad(images, [[0, 0], [CROP_PADDING] * 2, [CROP_PADDING] * 2,
+                             [0, 0]])
+    offsets = tf.random.stateless_uniform(
+        [2, batch_size], seed=crop_key, maxval=2 * CROP_PADDING + 1,
+        dtype=tf.int32)
+    rows = offsets[0][:, None] + tf.range(height)[None, :]
+    columns = offsets[1][:, None] + tf.range(width)[None, :]
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    cropped = tf.gather(cropped, columns, axis=2, batch_dims=1)
+    flip = tf.random.stateless_uniform([batch_size], seed=flip_key) < 0.5
+    images = tf.where(flip[:, None, None, None], tf.reverse(cropped, [2]),
+                      cropped)
+    return images, labels
+
+  return augment
+
+
+def _epoch_seed(seed: int, epoch):
+  """Two int64 seeds, for stateless ops, from (seed, epoch)."""
+  return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  # We shard ourselves (per InputContext); tf.distribute must not re-shard.
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.OFF)
+  # One thread per op call: parallelism comes from the parallel maps, and
+  # intra-op threads only fight them for the cores.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def load(data_dir: str, split: str, global_batch_size: int, *,
+         training: bool, seed: int = 0, start_step: int = 0,
+         input_context: tf.distribute.InputContext | None = None,
+         image_size=None, augment: bool = False, cache: bool = False,
+         skip_bad_records: bool = False, deterministic: bool = True,
+         shuffle_buffer_size: int = 10_000) -> tf.data.Dataset:
+  """Batches of `split` of the dataset in `data_dir`, for one input pipeline.
+
+  Args:
+    data_dir: a dataset dir (our converter's or TFDS's).
+    split: e.g. "train", "validation".
+    global_batch_size: examples per step over all replicas; each batch is
+      `input_context.get_per_replica_batch_size(global_batch_size)` (the
+      global size without a context).
+    training: True: endless, shuffled per epoch, `drop_remainder`, yields
+      (inputs, labels). False: each example once, in order, yields
+      (inputs, labels, weights) padded with weight-0 rows to full batches,
+      the same number of batches on every input pipeline.
+    seed: the training order and augmentation are a function of
+      (seed, epoch, input pipeline) (and of TF's global seed, if set).
+    start_step: global steps already taken: the stream starts where an
+      uninterrupted run with the same arguments would be after them.
+    input_context: from `distribute_datasets_from_function`, or None.
+    image_size: (height, width) to resize to; required when image sizes vary.
+    augment: training images get a random crop (zero padding 4) and flip.
+    cache: keep parsed examples in memory after the first pass (small
+      datasets). Training then shuffles all of a pipeline's examples per epoch
+      instead of file order + buffer, so the stream differs from cache=False.
+    skip_bad_records: skip corrupt/truncated records (counted and logged
+      per file, before training starts) instead of stopping with an error.
+    deterministic: False lets parallel stages reorder for speed; exact resume
+      and same-seed-same-order then no longer hold. Evaluation is always in
+      order.
+    shuffle_buffer_size: raw records in the training shuffle buffer.
+
+  Returns:
+    A tf.data.Dataset with static shapes.
+  """
+  dataset_info = metadata.read(data_dir)
+  if split not in dataset_info.splits:
+    raise ValueError(f"{data_dir}: no split {split!r}; it has "
+                     f"{sorted(dataset_info.splits)}")
+  if global_batch_size <= 0:
+    raise ValueError(f"global_batch_size must be positive, got "
+                     f"{global_batch_size}")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  if not training and start_step:
+    raise ValueError("start_step is a training position; evaluation always "
+                     "reads the whole split")
+  schema = dataset_info.schema
+  if augment and schema.kind != "image":
+    raise ValueError(f"{data_dir}: augment=True needs images, this dataset "
+                     f"holds {schema.kind}s")
+  split_info = dataset_info.splits[split]
+  if input_context is None:
+    input_context = tf.distribute.InputContext()
+  batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+  # A pipeline feeds this many replicas, one batch each per global step.
+  replicas_per_pipeline = max(
+      1, input_context.num_replicas_in_sync // input_context.num_input_pipelines)
+  compression = dataset_info.compression
+
+  lengths = split_info.shard_lengths
+  share = _share(split_info, input_context.num_input_pipelines,
+                 input_context.input_pipeline_id, lengths)
+  if share.record_sharded and share.num_pipelines > 1:
+    logging.warning(
+        "%s: split %s has %d files for %d input pipelines: every pipeline "
+        "reads every file and keeps 1 record in %d (write more shards to "
+        "avoid reading all the bytes on every worker)", data_dir, split,
+        len(split_info.files), share.num_pipelines, share.num_pipelines)
+  read_shard = _read_shard
+  if skip_bad_records:
+    lengths = _readable_lengths(split_info, share.files, compression)
+    share = _share(split_info, input_context.num_input_pipelines,
+                   input_context.input_pipeline_id, lengths)
+    read_shard = _read_shard_skipping_bad
+  if share.num_examples == 0:
+    raise ValueError(f"{data_dir}: split {split!r} has no examples for input "
+                     f"pipeline {input_context.input_pipeline_id} of "
+                     f"{input_context.num_input_pipelines}")
+
+  def read(files, counts):
+    shards = tf.data.Dataset.from_tensor_slices((files, counts))
+    return shards.flat_map(
+        lambda path, count: read_shard(path, count, compression))
+
+  parse = _parse_batch(schema, image_size)
+  if training:
+    ds = _training_stream(share, read_shard, compression, parse,
+                          batch_size=batch_size, seed=seed,
+                          start_step=start_step,
+                          examples_per_step=batch_size * replicas_per_pipeline,
+                          cache=cache, shuffle_buffer_size=shuffle_buffer_size)
+    if augment:
+      start_batch = start_step * replicas_per_pipeline
+      ds = ds.enumerate(start=start_batch)  # batch index keys augmentation
+      ds = ds.map(_augment(seed, input_context.input_pipeline_id),
+                  num_parallel_calls=AUTOTUNE)
+  else:
+    ds = read(tf.constant(share.files), tf.constant(share.lengths, tf.int64))
+    if share.record_sharded:
+      ds = ds.shard(share.num_pipelines, share.pipeline_id)
+    ds = ds.batch(batch_size)  # the last partial batch is padded below
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+    if cache:
+      ds = ds.cache()  # parsed, before padding; eval streams repeat exactly
+    ds = ds.map(_pad_to(batch_size))
+    # Every pipeline yields the same number of batches, a multiple of the
+    # replicas it feeds, so collectives never wait on a pipeline that ran out.
+    ds = ds.concatenate(_padding_batches(ds.element_spec))
+    ds = ds.take(_eval_batches(split_info, input_context,
+                               batch_size * replicas_per_pipeline)
+                 * replicas_per_pipeline)
+    deterministic = True
+  ds = ds.with_options(_options(deterministic))
+  return ds.prefetch(AUTOTUNE)
+
+
+def _training_stream(share: _PipelineShare, read_shard, compression, parse, *,
+                     batch_size: int, seed: int, start_step: int,
+                     examples_per_step: int, cache: bool,
+                     shuffle_buffer_size: int) -> tf.data.Dataset:
+  """Endless batches (inputs, labels) of this pipeline, from `start_step`."""
+  files = tf.constant(share.files)
+  counts = tf.constant(share.lengths, tf.int64)
+  epoch_size = share.num_examples
+  start_epoch, skip_in_epoch = divmod(start_step * examples_per_step,
+                                      epoch_size)
+
+  def shard_records(order):
+    shards = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, order), tf.gather(counts, order)))
+    ds = shards.interleave(
+        lambda path, count: read_shard(path, count, compression),
+        cycle_length=min(len(share.files), INTERLEAVE_CYCLE_LENGTH),
+        num_parallel_calls=AUTOTUNE, deterministic=True)
+    if share.record_sharded:
+      ds = ds.shard(share.num_pipelines, share.pipeline_id)
+    return ds
+
+  if cache:
+    examples = shard_records(tf.range(len(share.files)))
+    examples = examples.batch(batch_size)
+    examples = examples.map(parse, num_parallel_calls=AUTOTUNE)
+    examples = examples.unbatch().cache()  # parsed, before augmentation
+
+    def epoch_examples(epoch):
+      # All of the pipeline's examples fit in memory, so shuffle them all.
+      return examples.shuffle(epoch_size, seed=_shuffle_seed(seed, epoch))
+
+    ds = tf.data.Dataset.range(start_epoch, tf.int64.max)
+    ds = ds.flat_map(epoch_examples)
+    ds = ds.skip(skip_in_epoch)  # resume inside an epoch
+    return ds.batch(batch_size, drop_remainder=True)
+
+  def epoch_records(epoch):
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(share.files)), seed=_epoch_seed(seed, epoch))
+    ds = shard_records(order)
+    return ds.shuffle(min(shuffle_buffer_size, epoch_size),
+                      seed=_shuffle_seed(seed, epoch))
+
+  ds = tf.data.Dataset.range(start_epoch, tf.int64.max)
+  ds = ds.flat_map(epoch_records)  # epoch by epoch, each from (seed, epoch)
+  ds = ds.skip(skip_in_epoch)  # resume: raw records, before any parsing
+  # drop_remainder: static batch shape (TPU); batches span epoch boundaries.
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(parse, num_parallel_calls=AUTOTUNE)
+
+
+def _shuffle_seed(seed: int, epoch):
+  """One int64 for Dataset.shuffle, drawn statelessly from (seed, epoch)."""
+  return tf.random.stateless_uniform(
+      [], seed=_epoch_seed(seed, epoch), minval=0, maxval=tf.int64.max,
+      dtype=tf.int64)
+
+
+def _pad_to(batch_size: int):
+  """(inputs, labels) of <= batch_size rows -> full (inputs, labels, weights)."""
+
+  def pad(inputs, labels):
+    real = tf.shape(labels)[0]
+    weights = tf.concat([tf.ones([real]), tf.zeros([batch_size - real])], 0)
+
+    def pad_rows(tensor):
+      paddings = [[0, batch_size - real]] + [[0, 0]] * (tensor.shape.rank - 1)
+      padded = tf.pad(tensor, paddings)
+      return tf.ensure_shape(padded, [batch_size] + tensor.shape[1:])
+
+    return pad_rows(inputs), pad_rows(labels), tf.ensure_shape(weights,
+                                                               [batch_size])
+
+  return pad
+
+
+def _padding_batches(element_spec) -> tf.data.Dataset:
+  """Endless all-zero, weight-0 batches shaped like `element_spec`."""
+  zeros = tuple(tf.zeros(spec.shape, spec.dtype) for spec in element_spec)
+  return tf.data.Dataset.from_tensors(zeros).repeat()
+
+
+def _eval_batches(split: metadata.Split,
+                  input_context: tf.distribute.InputContext,
+                  examples_per_round: int) -> int:
+  """Rounds (one batch per replica) every pipeline yields: the largest
+  pipeline's need, so all pipelines yield the same count.
+
+  From the metadata's shard lengths, never from skip_bad_records' counts:
+  every pipeline must reach the same number without reading others' files.
+  """
+  largest = max(
+      _share(split, input_context.num_input_pipelines, pipeline_id,
+             split.shard_lengths).num_examples
+      for pipeline_id in range(input_context.num_input_pipelines))
+  return max(1, math.ceil(largest / examples_per_round))

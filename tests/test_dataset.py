@@ -1,0 +1,373 @@
+"""The reader on tiny dirs: coverage, order, seeds, exact resume, bad data.
+
+Most tests use "numbered" vector datasets whose label is the example's index,
+so a stream can be compared example by example.
+"""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_image_examples
+from conftest import write_dataset
+from pipeline import dataset
+from pipeline import records
+
+NUMBERED_SCHEMA = records.Schema(kind="vector", shape=(2,))
+
+
+def write_numbered(data_dir, count, num_shards, compression=None):
+  """Split "train" and "validation" of `count` examples: label = index."""
+  examples = [(f"ex{i}", [float(i), -float(i)], float(i))
+              for i in range(count)]
+  return write_dataset(data_dir, NUMBERED_SCHEMA,
+                       {"train": examples, "validation": examples},
+                       num_shards=num_shards, compression=compression)
+
+
+@pytest.fixture(scope="module")
+def numbered_dir(tmp_path_factory):
+  """50 examples in 3 shards of 17, 17, 16: uneven on purpose."""
+  return write_numbered(tmp_path_factory.mktemp("numbered"), 50, 3)
+
+
+@pytest.fixture(scope="module")
+def one_shard_dir(tmp_path_factory):
+  return write_numbered(tmp_path_factory.mktemp("one_shard"), 21, 1)
+
+
+def labels_of(ds, num_batches=None):
+  """The stream's labels (= example indices), flattened, as ints."""
+  if num_batches is not None:
+    ds = ds.take(num_batches)
+  return [int(label) for batch in ds for label in batch[1].numpy()]
+
+
+def pipelines(count, replicas=None):
+  replicas = replicas or count
+  return [tf.distribute.InputContext(num_input_pipelines=count,
+                                     input_pipeline_id=index,
+                                     num_replicas_in_sync=replicas)
+          for index in range(count)]
+
+
+# --- evaluation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 64])
+def test_eval_yields_every_example_once_in_file_order(numbered_dir,
+                                                      batch_size):
+  ds = dataset.load(numbered_dir, "validation", batch_size, training=False)
+  seen, weights = [], []
+  for inputs, labels, batch_weights in ds.as_numpy_iterator():
+    assert inputs.shape == (batch_size, 2) and labels.shape == (batch_size,)
+    seen += labels[batch_weights == 1].astype(int).tolist()
+    weights += batch_weights.tolist()
+    # Padding rows are zeros, so a model sees nothing stale.
+    assert not inputs[batch_weights == 0].any()
+  # conftest deals examples round-robin to 3 shards; files are read in order.
+  assert seen == list(range(0, 50, 3)) + list(range(1, 50, 3)) + list(
+      range(2, 50, 3))
+  assert sum(weights) == 50 and len(weights) % batch_size == 0
+  assert len(weights) < 50 + batch_size
+
+
+@pytest.mark.parametrize("directory,num_pipelines,replicas", [
+    ("numbered_dir", 2, 2),  # file sharding, uneven: 33 and 17 examples
+    ("numbered_dir", 3, 3),
+    ("one_shard_dir", 2, 2),  # record sharding
+    ("numbered_dir", 2, 4),  # each pipeline feeds 2 replicas
+])
+def test_eval_pipelines_are_disjoint_cover_and_align(request, directory,
+                                                     num_pipelines, replicas):
+  data_dir = request.getfixturevalue(directory)
+  total = dataset.info(data_dir).splits["validation"].num_examples
+  seen, batch_counts = [], []
+  for context in pipelines(num_pipelines, replicas):
+    ds = dataset.load(data_dir, "validation", 4 * replicas, training=False,
+                      input_context=context)
+    batches = list(ds.as_numpy_iterator())
+    batch_counts.append(len(batches))
+    for _, labels, weights in batches:
+      assert labels.shape == (4,)
+      seen += labels[weights == 1].astype(int).tolist()
+  assert sorted(seen) == list(range(total))
+  assert len(set(batch_counts)) == 1  # collectives never wait on a pipeline
+  assert batch_counts[0] % (replicas // num_pipelines) == 0
+
+
+def test_eval_cache_gives_the_same_stream_twice(numbered_dir):
+  ds = dataset.load(numbered_dir, "validation", 16, training=False, cache=True)
+  first = labels_of(ds)
+  assert labels_of(ds) == first
+  assert first == labels_of(
+      dataset.load(numbered_dir, "validation", 16, training=False))
+
+
+# --- training order ----------------------------------------------------------
+
+
+def test_training_epochs_are_permutations_seeded_by_seed_and_epoch(
+    numbered_dir):
+  stream = labels_of(dataset.load(numbered_dir, "train", 10, training=True,
+                                  seed=3), num_batches=15)
+  epochs = [stream[0:50], stream[50:100], stream[100:150]]
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(50))
+  assert epochs[0] != epochs[1] != epochs[2]
+  again = labels_of(dataset.load(numbered_dir, "train", 10, training=True,
+                                 seed=3), num_batches=15)
+  assert again == stream
+  other_seed = labels_of(dataset.load(numbered_dir, "train", 10,
+                                      training=True, seed=4), num_batches=5)
+  assert other_seed != stream[:50]
+
+
+def test_training_batches_are_static_and_full(numbered_dir):
+  ds = dataset.load(numbered_dir, "train", 16, training=True)
+  assert ds.element_spec[0].shape == (16, 2)
+  assert ds.element_spec[1].shape == (16,)
+
+
+@pytest.mark.parametrize("directory,num_pipelines", [
+    ("numbered_dir", 2), ("numbered_dir", 3), ("one_shard_dir", 2)])
+def test_training_pipelines_split_each_epoch_disjointly(request, directory,
+                                                        num_pipelines):
+  data_dir = request.getfixturevalue(directory)
+  split = dataset.info(data_dir).splits["train"]
+  files = split.files
+  lengths = dict(zip(files, split.shard_lengths))
+  epochs = []
+  for index, context in enumerate(pipelines(num_pipelines)):
+    if len(files) >= num_pipelines:
+      epoch_size = sum(lengths[path] for path in files[index::num_pipelines])
+    else:
+      epoch_size = len(range(index, split.num_examples, num_pipelines))
+    ds = dataset.load(data_dir, "train", 2 * num_pipelines, training=True,
+                      seed=1, input_context=context)
+    stream = labels_of(ds, num_batches=epoch_size)  # batches of 2: 2 epochs
+    epochs.append(stream[:epoch_size])
+    assert sorted(stream[epoch_size:]) == sorted(epochs[-1])
+  assert sorted(sum(epochs, [])) == list(range(split.num_examples))
+
+
+# --- exact resume ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_pipelines,replicas,start_step", [
+    (1, 1, 4),  # 4 steps x 16 = 64: inside epoch 2 (50 per epoch)
+    (1, 1, 7),
+    (1, 2, 3),  # one pipeline feeds 2 replicas: 2 batches per step
+    (2, 2, 3),  # pipelines of 33 and 17 examples: different epoch sizes
+    (2, 2, 10),
+])
+def test_resume_at_step_k_is_the_tail_of_an_uninterrupted_run(
+    numbered_dir, num_pipelines, replicas, start_step):
+  global_batch = 16
+  batches_per_step = replicas // num_pipelines
+  for context in pipelines(num_pipelines, replicas):
+    def load(step, context=context):
+      return dataset.load(numbered_dir, "train", global_batch, training=True,
+                          seed=7, start_step=step, input_context=context)
+    full = labels_of(load(0), num_batches=(start_step + 3) * batches_per_step)
+    resumed = labels_of(load(start_step), num_batches=3 * batches_per_step)
+    per_replica = global_batch // replicas
+    assert resumed == full[start_step * batches_per_step * per_replica:]
+
+
+def test_resume_with_augmentation_and_cache(tmp_path):
+  data_dir = write_dataset(
+      tmp_path, records.Schema(kind="image", shape=(8, 8, 3),
+                               class_names=("a", "b", "c"),
+                               image_format="png"),
+      {"train": make_image_examples(20)}, num_shards=2)
+  for cache in (False, True):
+    def load(step, cache=cache):
+      return dataset.load(data_dir, "train", 6, training=True, seed=2,
+                          augment=True, cache=cache, start_step=step)
+    full = list(load(0).take(8).as_numpy_iterator())
+    resumed = list(load(5).take(3).as_numpy_iterator())
+    for (images, labels), (expected_images, expected_labels) in zip(
+        resumed, full[5:]):
+      np.testing.assert_array_equal(images, expected_images)
+      np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_augmentation_crops_and_flips_but_keeps_labels(image_dataset_dir):
+  def first_batch(augment):
+    ds = dataset.load(image_dataset_dir, "train", 32, training=True, seed=0,
+                      augment=augment)
+    return next(iter(ds.as_numpy_iterator()))
+
+  plain_images, plain_labels = first_batch(False)
+  images, labels = first_batch(True)
+  np.testing.assert_array_equal(labels, plain_labels)
+  assert images.shape == plain_images.shape and images.dtype == np.uint8
+  changed = [not np.array_equal(a, b) for a, b in zip(images, plain_images)]
+  assert 0 < sum(changed) <= 32
+  # A crop shifts by at most CROP_PADDING, so zero padding shows up on some.
+  assert (images == 0).any() and not (plain_images == 0).any()
+
+
+def test_training_cache_serves_later_epochs_from_memory(tmp_path):
+  data_dir = write_numbered(tmp_path / "cached", 12, 2)
+  ds = dataset.load(data_dir, "train", 4, training=True, seed=0, cache=True)
+  iterator = iter(ds)
+  first_epoch = [int(x) for _ in range(3) for x in next(iterator)[1]]
+  for path in dataset.info(data_dir).splits["train"].files:
+    os.remove(path)  # a reader that re-reads the files fails from here on
+  later = [int(x) for _ in range(6) for x in next(iterator)[1]]
+  assert sorted(first_epoch) == sorted(later[:12]) == list(range(12))
+
+
+# --- formats and bad data ----------------------------------------------------
+
+
+def test_gzip_shards_read_like_plain_ones(tmp_path, numbered_dir):
+  gzip_dir = write_numbered(tmp_path / "gzip", 50, 3, compression="GZIP")
+  assert dataset.info(gzip_dir).compression == "GZIP"
+  for training in (False, True):
+    def load(data_dir, training=training):
+      return labels_of(dataset.load(data_dir, "train", 8, training=training),
+                       num_batches=10)
+    assert load(gzip_dir) == load(numbered_dir)
+
+
+def test_images_come_out_uint8_with_the_metadata_shape(image_dataset_dir):
+  ds = dataset.load(image_dataset_dir, "validation", 8, training=False)
+  images, labels, _ = ds.element_spec
+  assert images.shape == (8, 8, 8, 3) and images.dtype == tf.uint8
+  assert labels.dtype == tf.int64
+  resized = dataset.load(image_dataset_dir, "train", 4, training=True,
+                         image_size=(5, 6))
+  assert resized.element_spec[0].shape == (4, 5, 6, 3)
+
+
+def corrupt(path, mode):
+  data = bytearray(open(path, "rb").read())
+  if mode == "crc":
+    data[len(data) // 2] ^= 0xFF
+  else:
+    data = data[:-10]
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+@pytest.mark.parametrize("mode", ["crc", "truncated"])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_bad_shard_stops_with_an_error_naming_the_file(tmp_path, mode,
+                                                         training):
+  data_dir = write_numbered(tmp_path, 30, 3)
+  bad_file = dataset.info(data_dir).splits["train"].files[1]
+  corrupt(bad_file, mode)
+  ds = dataset.load(data_dir, "train", 5, training=training)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=os.path.basename(bad_file)):
+    for _ in ds.take(12):
+      pass
+
+
+@pytest.mark.parametrize("mode", ["crc", "truncated"])
+def test_skip_bad_records_counts_reports_and_keeps_resume_exact(
+    tmp_path, caplog, mode):
+  data_dir = write_numbered(tmp_path, 30, 3)
+  bad_file = dataset.info(data_dir).splits["train"].files[1]
+  corrupt(bad_file, mode)
+  with caplog.at_level(logging.WARNING):
+    evaluation = dataset.load(data_dir, "train", 5, training=False,
+                              skip_bad_records=True)
+  report = [r.getMessage() for r in caplog.records if bad_file in
+            r.getMessage()]
+  assert len(report) == 1 and "unreadable" in report[0]
+  lost = int(report[0].split(": ")[-1].split()[0])
+  assert lost >= 1
+  seen = [int(x) for _, labels, weights in evaluation.as_numpy_iterator()
+          for x in labels[weights == 1]]
+  assert len(seen) == 30 - lost and len(set(seen)) == len(seen)
+
+  def load(step):
+    return dataset.load(data_dir, "train", 4, training=True, seed=1,
+                        start_step=step, skip_bad_records=True)
+  full = labels_of(load(0), num_batches=20)
+  assert sorted(full[:30 - lost]) == sorted(seen)  # epochs skip them too
+  assert labels_of(load(12), num_batches=8) == full[12 * 4:]
+
+
+def test_incomplete_dirs_and_bad_arguments_fail_with_the_path(tmp_path,
+                                                              numbered_dir):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    dataset.load(str(tmp_path), "train", 4, training=True)
+  with pytest.raises(ValueError, match="no split 'test'"):
+    dataset.load(numbered_dir, "test", 4, training=True)
+  with pytest.raises(ValueError, match="augment=True needs images"):
+    dataset.load(numbered_dir, "train", 4, training=True, augment=True)
+  with pytest.raises(ValueError, match="start_step"):
+    dataset.load(numbered_dir, "validation", 4, training=False, start_step=3)
+  missing_dir = write_numbered(tmp_path / "missing", 10, 2)
+  os.remove(dataset.info(missing_dir).splits["train"].files[0])
+  with pytest.raises(FileNotFoundError, match="missing 1 of 2 shards"):
+    dataset.load(missing_dir, "train", 4, training=True)
+
+
+def test_shard_lengths_that_disagree_with_metadata_fail_naming_the_file(
+    tmp_path):
+  data_dir = write_numbered(tmp_path, 20, 2)
+  files = dataset.info(data_dir).splits["train"].files
+  with tf.io.TFRecordWriter(files[0]) as writer:  # 3 records, metadata: 10
+    for index in range(3):
+      writer.write(records.make_example(NUMBERED_SCHEMA, "x", [0.0, 0.0],
+                                        float(index)))
+  ds = dataset.load(data_dir, "train", 4, training=False)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=os.path.basename(files[0]) + ": read 3 records"):
+    list(ds)
+
+
+# --- strategies and TFDS -----------------------------------------------------
+
+
+def test_feeds_distribute_datasets_from_function(numbered_dir):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+  distributed = strategy.distribute_datasets_from_function(
+      lambda context: dataset.load(numbered_dir, "train", 8, training=True,
+                                   input_context=context))
+  batch = next(iter(distributed))
+  assert batch[0].shape == (8, 2)
+
+
+def test_reads_a_dir_written_by_tfds(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class TinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(8, 8, 3)),
+              "label": tfds.features.ClassLabel(num_classes=3),
+          }))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(11)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(0)
+      for index in range(count):
+        yield index, {"image": rng.integers(0, 255, (8, 8, 3), np.uint8),
+                      "label": index % 3}
+
+  builder = TinyImages(data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  expected = {int(example["label"]) for example in
+              tfds.as_numpy(builder.as_dataset(split="train"))}
+  ds = dataset.load(builder.data_dir, "train", 4, training=False)
+  labels = [int(x) for _, batch_labels, weights in ds.as_numpy_iterator()
+            for x in batch_labels[weights == 1]]
+  assert len(labels) == 11 and set(labels) == expected
+  assert ds.element_spec[0].shape == (4, 8, 8, 3)
