@@ -51,6 +51,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 INTERLEAVE_CYCLE_LENGTH = 16
 # Per-file read buffer; TF's default (256 KiB) is tuned for local disks.
 READ_BUFFER_BYTES = 8 << 20
+# Records per block when counting a shard's records (see _read_shard).
+COUNT_BLOCK_SIZE = 256
 # Padding a random crop adds on each side of the image (CIFAR-style).
 CROP_PADDING = 4
 
@@ -127,19 +129,23 @@ def _read_shard(path, expected_count, compression: str | None):
 
   TF's own DataLossError says "corrupted record at 480" without the file, so
   errors are swallowed per file and the count is checked at its end instead.
+  Counting happens on blocks of records: a function call per record (scan,
+  filter) cost 2.5x the reader's throughput, per block it is free.
   """
   shard = tf.data.TFRecordDataset(path, compression or "",
                                   buffer_size=READ_BUFFER_BYTES)
   shard = shard.ignore_errors()
-  shard = shard.map(lambda record: (record, True))
-  shard = shard.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""),
-                                                          False)))
-  shard = shard.scan(tf.constant(0, tf.int64),
-                     lambda count, item: (count + tf.cast(item[1], tf.int64),
-                                          (count, item[0], item[1])))
+  blocks = shard.batch(COUNT_BLOCK_SIZE)
+  blocks = blocks.map(lambda block: (block, True))
+  end_of_file = (tf.zeros([0], tf.string), False)
+  blocks = blocks.concatenate(tf.data.Dataset.from_tensors(end_of_file))
+  blocks = blocks.scan(
+      tf.constant(0, tf.int64),
+      lambda count, item: (count + tf.size(item[0], tf.int64),
+                           (count, item[0], item[1])))
 
-  def is_record(count_before, record, real):
-    del record
+  def is_records(count_before, block, real):
+    del block
     check = tf.debugging.Assert(
         tf.logical_or(real, tf.equal(count_before, expected_count)),
         [tf.strings.join([
@@ -151,8 +157,9 @@ def _read_shard(path, expected_count, compression: str | None):
     with tf.control_dependencies([check]):
       return tf.identity(real)
 
-  shard = shard.filter(is_record)
-  return shard.map(lambda count, record, real: record)
+  blocks = blocks.filter(is_records)
+  blocks = blocks.map(lambda count_before, block, real: block)
+  return blocks.unbatch()
 
 
 def _read_shard_skipping_bad(path, expected_count, compression: str | None):

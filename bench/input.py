@@ -1,0 +1,230 @@
+"""Input throughput: our reader against the pipelines one would write by hand.
+
+  python -m bench.input                      # 20k 32x32 JPEGs, batch 128
+  python -m bench.input --num_examples=50000 --image_format=png
+
+Writes (once, cached under --data_dir) a dataset dir of small images in our
+shard format, then measures examples/s, side by side in one run, for:
+
+  raw records     TFRecordDataset, batched, no parsing: the ceiling
+  textbook        the tf.data guide's recipe: interleaved read, shuffle,
+                  per-record parse + decode in a parallel map, batch, prefetch
+  batch-parse     hand-written: shuffle, batch first, parse_example + decode
+                  in a parallel map over batches, prefetch
+  load()          pipeline.dataset.load(training=True), what the trainers use
+  load(augment)   the same with random crop + flip
+  in-memory       from_tensor_slices over the decoded arrays, shuffle, batch
+
+Each figure is the median over --repeats runs of --measure_batches batches
+after --warmup_batches (a fresh iterator per run). The machine is shared, so
+read the ratios, which come from the same run, rather than absolute rates.
+"""
+
+import io
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+from pipeline import dataset
+from pipeline import metadata
+from pipeline import records
+
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 20_000,
+                                     "Examples in the benchmark dataset.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Image height = width.")
+_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "jpeg", ["jpeg", "png"],
+                                  "Encoding of the images.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 16, "Shards to write.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per pipeline.")
+_WARMUP_BATCHES = flags.DEFINE_integer("warmup_batches", 20,
+                                       "Batches read before timing.")
+_MEASURE_BATCHES = flags.DEFINE_integer("measure_batches", 300,
+                                        "Batches timed per run.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/bench_input",
+                                "Where the benchmark dataset is cached.")
+_TRAINER_RATE = flags.DEFINE_float(
+    "trainer_examples_per_second", 3000.0,
+    "How fast the CNN trainer consumes examples on this machine, for the "
+    "headroom ratio.")
+
+SHUFFLE_BUFFER = 10_000
+
+
+def _encode(pixels: np.ndarray, image_format: str) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format=image_format.upper(),
+                               **({"quality": 90} if image_format == "jpeg"
+                                  else {}))
+  return buffer.getvalue()
+
+
+def _smooth_image(rng, size: int) -> np.ndarray:
+  """A photo-like image (smooth blobs + a little noise), so JPEG sizes are
+  realistic; pure noise would compress unlike any real dataset."""
+  coarse = rng.integers(0, 256, (4, 4, 3)).astype(np.float32)
+  image = np.kron(coarse, np.ones((size // 4, size // 4, 1), np.float32))
+  image += rng.normal(0, 8, image.shape)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_bench_dataset(data_dir: str, num_examples: int, image_size: int,
+                        image_format: str, num_shards: int) -> str:
+  """A 10-class image dataset dir in our format, reused when already there."""
+  if tf.io.gfile.exists(os.path.join(data_dir, metadata.INFO_FILE)):
+    return data_dir
+  os.makedirs(data_dir, exist_ok=True)
+  schema = records.Schema(kind="image", shape=(image_size, image_size, 3),
+                          class_names=tuple(f"c{i}" for i in range(10)),
+                          image_format=image_format)
+  rng = np.random.default_rng(0)
+  lengths, num_bytes = [], 0
+  for shard in range(num_shards):
+    path = metadata.shard_path(data_dir, "bench", "train", shard, num_shards)
+    indices = range(shard, num_examples, num_shards)
+    with tf.io.TFRecordWriter(path) as writer:
+      for index in indices:
+        writer.write(records.make_example(
+            schema, f"bench:{index}",
+            _encode(_smooth_image(rng, image_size), image_format),
+            index % 10))
+    lengths.append(len(indices))
+    num_bytes += os.path.getsize(path)
+  metadata.write(data_dir, schema, {"train": (lengths, num_bytes)})
+  return data_dir
+
+
+# --- the pipelines -----------------------------------------------------------
+
+
+def raw_records(info, batch_size):
+  files = info.splits["train"].files
+  ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+  ds = ds.repeat()
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def shuffled_records(info):
+  """Shuffled files, read interleaved, through a shuffle buffer, repeated."""
+  files = info.splits["train"].files
+  ds = tf.data.Dataset.from_tensor_slices(list(files)).shuffle(len(files))
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=len(files),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.shuffle(SHUFFLE_BUFFER).repeat()
+  return ds
+
+
+def textbook(info, batch_size):
+  """tf.data guide, 'Better performance': parallel map per record, then batch."""
+  spec = records.parse_spec(info.schema)
+
+  def parse_one(serialized):
+    parsed = tf.io.parse_single_example(serialized, spec)
+    image = records.decode_image(parsed[records.IMAGE_KEY], info.schema)
+    return image, parsed[records.LABEL_KEY]
+
+  ds = shuffled_records(info)
+  ds = ds.map(parse_one, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def batch_parse(info, batch_size):
+  """Hand-written fast recipe: batch first, parse_example, decode the batch."""
+  spec = records.parse_spec(info.schema)
+  image_spec = tf.TensorSpec(info.schema.shape, tf.uint8)
+
+  def parse_batch(serialized):
+    parsed = tf.io.parse_example(serialized, spec)
+    images = tf.map_fn(
+        lambda encoded: records.decode_image(encoded, info.schema),
+        parsed[records.IMAGE_KEY], fn_output_signature=image_spec)
+    return images, parsed[records.LABEL_KEY]
+
+  ds = shuffled_records(info)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def reader(info, batch_size, augment=False):
+  return dataset.load(info.data_dir, "train", batch_size, training=True,
+                      augment=augment)
+
+
+def in_memory(info, batch_size):
+  """The decoded arrays in memory: what no file format can beat."""
+  images, labels = [], []
+  ds = dataset.load(info.data_dir, "train", batch_size, training=False)
+  for batch_images, batch_labels, weights in ds.as_numpy_iterator():
+    real = weights == 1
+    images.append(batch_images[real])
+    labels.append(batch_labels[real])
+  ds = tf.data.Dataset.from_tensor_slices((np.concatenate(images),
+                                           np.concatenate(labels)))
+  ds = ds.shuffle(SHUFFLE_BUFFER).repeat()
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+# --- measuring ---------------------------------------------------------------
+
+
+def examples_per_second(ds, batch_size, warmup_batches, measure_batches):
+  iterator = iter(ds)
+  for _ in range(warmup_batches):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(measure_batches):
+    next(iterator)
+  return measure_batches * batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  data_dir = write_bench_dataset(
+      os.path.join(_DATA_DIR.value,
+                   f"{_NUM_EXAMPLES.value}x{_IMAGE_SIZE.value}"
+                   f"_{_IMAGE_FORMAT.value}_{_NUM_SHARDS.value}"),
+      _NUM_EXAMPLES.value, _IMAGE_SIZE.value, _IMAGE_FORMAT.value,
+      _NUM_SHARDS.value)
+  info = dataset.info(data_dir)
+  batch_size = _BATCH_SIZE.value
+  pipelines = {
+      "raw records": raw_records(info, batch_size),
+      "textbook": textbook(info, batch_size),
+      "batch-parse": batch_parse(info, batch_size),
+      "load()": reader(info, batch_size),
+      "load(augment)": reader(info, batch_size, augment=True),
+      "in-memory": in_memory(info, batch_size),
+  }
+  rates = {name: [] for name in pipelines}
+  # Round-robin over the pipelines, so load on the shared machine hits all.
+  for _ in range(_REPEATS.value):
+    for name, ds in pipelines.items():
+      rates[name].append(examples_per_second(
+          ds, batch_size, _WARMUP_BATCHES.value, _MEASURE_BATCHES.value))
+  medians = {name: statistics.median(values) for name, values in rates.items()}
+  best_hand_written = max(medians["textbook"], medians["batch-parse"])
+  print(f"{info.splits['train'].num_examples} {_IMAGE_SIZE.value}x"
+        f"{_IMAGE_SIZE.value} {_IMAGE_FORMAT.value} examples, "
+        f"{len(info.splits['train'].files)} shards, batch {batch_size}, "
+        f"{os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}; median of {_REPEATS.value} runs")
+  print(f"{'pipeline':<16}{'examples/s':>12}{'min':>10}{'max':>10}"
+        f"{'vs load()':>11}")
+  for name, median in medians.items():
+    print(f"{name:<16}{median:>12,.0f}{min(rates[name]):>10,.0f}"
+          f"{max(rates[name]):>10,.0f}{median / medians['load()']:>10.2f}x")
+  print(f"load() / best hand-written: "
+        f"{medians['load()'] / best_hand_written:.2f}x")
+  print(f"load() / trainer consumption ({_TRAINER_RATE.value:,.0f} ex/s): "
+        f"{medians['load()'] / _TRAINER_RATE.value:.1f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
