@@ -178,12 +178,13 @@ def _parse_batch(schema: records.Schema, image_size):
     labels = parsed[records.LABEL_KEY]
     if schema.kind != "image":
       return parsed[records.FEATURES_KEY], labels
-    decoded = records.decode_image(parsed[records.IMAGE_KEY][0], schema,
-                                   image_size)  # traced once for the shape
+    height, width, channels = schema.shape
+    if image_size is not None:
+      height, width = image_size
+    image_spec = tf.TensorSpec((height, width, channels), tf.uint8)
     images = tf.map_fn(
         lambda encoded: records.decode_image(encoded, schema, image_size),
-        parsed[records.IMAGE_KEY],
-        fn_output_signature=tf.TensorSpec(decoded.shape, tf.uint8))
+        parsed[records.IMAGE_KEY], fn_output_signature=image_spec)
     return images, labels
 
   return parse
@@ -375,7 +376,7 @@ def _training_stream(share: _PipelineShare, read_shard, compression, parse, *,
     ds = shards.interleave(
         lambda path, count: read_shard(path, count, compression),
         cycle_length=min(len(share.files), INTERLEAVE_CYCLE_LENGTH),
-        num_parallel_calls=AUTOTUNE, deterministic=True)
+        num_parallel_calls=AUTOTUNE)  # in order unless deterministic=False
     if share.record_sharded:
       ds = ds.shard(share.num_pipelines, share.pipeline_id)
     return ds

@@ -4,8 +4,11 @@ Most tests use "numbered" vector datasets whose label is the example's index,
 so a stream can be compared example by example.
 """
 
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -246,6 +249,20 @@ def test_images_come_out_uint8_with_the_metadata_shape(image_dataset_dir):
   assert resized.element_spec[0].shape == (4, 5, 6, 3)
 
 
+def test_images_of_varying_size_need_image_size(tmp_path):
+  schema = records.Schema(kind="image", shape=(None, None, 3),
+                          class_names=("a", "b", "c"))
+  examples = (make_image_examples(4, height=6, width=9) +
+              make_image_examples(4, height=10, width=7, prefix="big"))
+  data_dir = write_dataset(tmp_path, schema, {"train": examples},
+                           num_shards=2)
+  with pytest.raises(ValueError, match="pass image_size"):
+    dataset.load(data_dir, "train", 4, training=False)
+  ds = dataset.load(data_dir, "train", 4, training=False, image_size=(8, 8))
+  assert [images.shape for images, _, _ in ds.as_numpy_iterator()] == [
+      (4, 8, 8, 3)] * 2
+
+
 def corrupt(path, mode):
   data = bytearray(open(path, "rb").read())
   if mode == "crc":
@@ -329,13 +346,58 @@ def test_shard_lengths_that_disagree_with_metadata_fail_naming_the_file(
 # --- strategies and TFDS -----------------------------------------------------
 
 
-def test_feeds_distribute_datasets_from_function(numbered_dir):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-  distributed = strategy.distribute_datasets_from_function(
-      lambda context: dataset.load(numbered_dir, "train", 8, training=True,
-                                   input_context=context))
-  batch = next(iter(distributed))
-  assert batch[0].shape == (8, 2)
+MIRRORED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+from pipeline import dataset
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+data_dir, start_step, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def per_replica_labels(distributed, steps):
+  iterator = iter(distributed)
+  return [[local[1].numpy().tolist() for local in
+           strategy.experimental_local_results(next(iterator))]
+          for _ in range(steps)]
+
+train = strategy.distribute_datasets_from_function(
+    lambda context: dataset.load(data_dir, "train", 8, training=True, seed=3,
+                                 start_step=start_step, input_context=context))
+evaluation = strategy.distribute_datasets_from_function(
+    lambda context: dataset.load(data_dir, "validation", 8, training=False,
+                                 input_context=context))
+seen = []
+for batch in evaluation:
+  for _, labels, weights in zip(*map(strategy.experimental_local_results,
+                                     batch)):
+    seen += labels.numpy()[weights.numpy() == 1].tolist()
+print(json.dumps({"train": per_replica_labels(train, steps), "eval": seen}))
+"""
+
+
+def run_under_mirrored(data_dir, start_step, steps):
+  """Runs MIRRORED_SCRIPT in a fresh process: two logical CPUs must be set up
+  before TF initialises its devices, which this test process already did."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-c", MIRRORED_SCRIPT, data_dir, str(start_step),
+       str(steps)], capture_output=True, text=True, cwd=root, check=False,
+      env={**os.environ, "PYTHONPATH": root})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_two_replica_mirrored_strategy_resumes_exactly(numbered_dir):
+  # One input pipeline feeds both replicas: 2 batches of 4 per global step.
+  full = run_under_mirrored(numbered_dir, 0, 9)
+  resumed = run_under_mirrored(numbered_dir, 6, 3)
+  assert resumed["train"] == full["train"][6:]
+  assert all(len(replica) == 4 for step in full["train"] for replica in step)
+  epoch = sum((sum(step, []) for step in full["train"]), [])[:50]
+  assert sorted(epoch) == list(range(50))
+  assert sorted(int(x) for x in full["eval"]) == list(range(50))
 
 
 def test_reads_a_dir_written_by_tfds(tmp_path):
