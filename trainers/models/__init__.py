@@ -1,0 +1,1 @@
+"""Keras models, one module per family; each sizes itself from the schema."""

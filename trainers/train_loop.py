@@ -1,0 +1,476 @@
+"""The training loop every trainer shares: strategy-agnostic, resumable.
+
+    train_and_evaluate(config, build_model)
+      strategy      trainers.strategy.make_strategy (TPU, MWMS, Mirrored, ...)
+      model, optimizer, step   built under strategy.scope()
+      restore       latest readable checkpoint; its step is the input position
+      loop          train_steps(iterator, n): n steps inside one tf.function
+                    checkpoint / eval / progress + TensorBoard when it is time
+      end           checkpoint, eval -> metrics.json, export/ (chief only)
+
+Why a custom loop and not `model.fit`: Keras 3's fit fails under
+MultiWorkerMirroredStrategy in TF 2.21 (keras-team/keras#20585); the loop below
+runs unchanged on one CPU, several GPUs, several workers and TPUs, and running
+`steps_per_loop` steps per call is what keeps a TPU (and a CPU) busy.
+
+Resume: the step counter is a variable in the checkpoint, and the reader's
+`start_step` continues the input stream exactly there (iterators of
+distributed datasets cannot be checkpointed under Mirrored/MWMS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+from absl import logging
+import keras
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from trainers import export as export_lib
+from trainers import strategy as strategy_lib
+from trainers.config import Preempted, TrainConfig, UserError
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where the loop's batches come from (the reader, or tensors in a bench).
+
+  train(input_context, start_step) -> endless (inputs, labels) batches of
+    input_context.get_per_replica_batch_size(global batch), continuing after
+    `start_step` global steps.
+  evaluate(input_context) -> (inputs, labels, weights) batches that hold each
+    held-out example once (weight 0 on padding); None when there is no split.
+  """
+  schema: object  # pipeline.records.Schema
+  train: Callable
+  evaluate: Callable | None = None
+  eval_split: str | None = None
+
+
+def reader_source(config: TrainConfig) -> DataSource:
+  """Training and held-out batches from `pipeline.dataset` for config.data_dir."""
+  from pipeline import dataset  # pylint: disable=g-import-not-at-top
+  try:
+    info = dataset.info(config.data_dir)
+  except (FileNotFoundError, ValueError) as error:
+    raise UserError(f"--data_dir: {error}") from error
+  if "train" not in info.splits:
+    raise UserError(f"--data_dir={config.data_dir} has no train split "
+                    f"(splits: {sorted(info.splits)})")
+  eval_split = next((name for name in ("validation", "test")
+                     if name in info.splits), None)
+  common = dict(image_size=config.image_size, cache=config.cache,
+                skip_bad_records=config.skip_bad_records)
+
+  def train(input_context, start_step):
+    return dataset.load(config.data_dir, "train", config.batch_size,
+                        training=True, seed=config.seed, start_step=start_step,
+                        input_context=input_context, augment=config.augment,
+                        **common)
+
+  def evaluate(input_context):
+    return dataset.load(config.data_dir, eval_split, config.batch_size,
+                        training=False, input_context=input_context, **common)
+
+  return DataSource(schema=info.schema, train=train,
+                    evaluate=evaluate if eval_split else None,
+                    eval_split=eval_split)
+
+
+# --- the step ----------------------------------------------------------------
+
+
+def per_example_loss(labels, outputs, is_regression: bool):
+  if is_regression:
+    return tf.square(outputs[:, 0] - labels)
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, outputs)
+
+
+def batch_sums(labels, outputs, losses, weights, is_regression: bool) -> dict:
+  """Weighted sums over one replica's batch; summed over replicas, then
+  divided once at the end, they give exact means over every example."""
+  sums = {"loss": tf.reduce_sum(losses * weights),
+          "examples": tf.reduce_sum(weights)}
+  if is_regression:
+    errors = tf.abs(outputs[:, 0] - labels)
+    sums["abs_error"] = tf.reduce_sum(errors * weights)
+  else:
+    hits = tf.cast(tf.equal(tf.argmax(outputs, axis=-1), labels), tf.float32)
+    sums["correct"] = tf.reduce_sum(hits * weights)
+  return sums
+
+
+def zero_sums(is_regression: bool) -> dict:
+  names = ("loss", "examples", "abs_error" if is_regression else "correct")
+  return {name: tf.constant(0.0) for name in names}
+
+
+def add_replica_sums(strategy, totals: dict, per_replica: dict) -> dict:
+  return {name: totals[name] + strategy.reduce(SUM, per_replica[name], None)
+          for name in totals}
+
+
+def metrics_from_sums(sums: dict, is_regression: bool) -> dict:
+  count = max(float(sums["examples"]), 1.0)
+  metrics = {"loss": float(sums["loss"]) / count}
+  if is_regression:
+    metrics["mean_absolute_error"] = float(sums["abs_error"]) / count
+    metrics["root_mean_squared_error"] = metrics["loss"] ** 0.5
+  else:
+    metrics["accuracy"] = float(sums["correct"]) / count
+  return metrics
+
+
+def make_train_function(strategy, model, optimizer, is_regression: bool,
+                        global_batch_size: int, jit_compile: bool):
+  """-> train_steps(iterator, num_steps): that many steps in one call.
+
+  Returns the sums of `batch_sums` over all steps and replicas.
+  """
+
+  def replica_step(inputs, labels):
+    with tf.GradientTape() as tape:
+      outputs = tf.cast(model(inputs, training=True), tf.float32)
+      losses = per_example_loss(labels, outputs, is_regression)
+      # Divide by the global batch: the optimizer sums replicas' gradients.
+      loss = tf.nn.compute_average_loss(losses,
+                                        global_batch_size=global_batch_size)
+      if model.losses:
+        loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+      scaled_loss = optimizer.scale_loss(loss)  # identity unless float16
+    gradients = tape.gradient(scaled_loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return batch_sums(labels, outputs, losses, tf.ones_like(losses),
+                      is_regression)
+
+  if jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
+
+  @tf.function
+  def train_steps(iterator, num_steps):
+    totals = zero_sums(is_regression)
+    for _ in tf.range(num_steps):
+      inputs, labels = next(iterator)
+      per_replica = strategy.run(replica_step, args=(inputs, labels))
+      totals = add_replica_sums(strategy, totals, per_replica)
+    return totals
+
+  return train_steps
+
+
+def make_eval_function(strategy, model, is_regression: bool):
+  """-> evaluate(distributed_dataset): `batch_sums` over the whole split."""
+
+  def replica_step(inputs, labels, weights):
+    outputs = tf.cast(model(inputs, training=False), tf.float32)
+    losses = per_example_loss(labels, outputs, is_regression)
+    return batch_sums(labels, outputs, losses, weights, is_regression)
+
+  @tf.function
+  def evaluate(distributed_dataset):
+    totals = zero_sums(is_regression)
+    for inputs, labels, weights in distributed_dataset:
+      per_replica = strategy.run(replica_step, args=(inputs, labels, weights))
+      totals = add_replica_sums(strategy, totals, per_replica)
+    return totals
+
+  return evaluate
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+  learning_rate = config.learning_rate
+  if config.lr_schedule == "cosine":
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if config.warmup_steps else learning_rate,
+        decay_steps=max(1, config.train_steps - config.warmup_steps),
+        warmup_target=learning_rate if config.warmup_steps else None,
+        warmup_steps=config.warmup_steps)
+  if config.optimizer == "sgd":
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9)
+  else:
+    optimizer = keras.optimizers.Adam(learning_rate)
+  if config.mixed_precision == "mixed_float16":
+    # float16 gradients underflow without loss scaling; bfloat16 needs none.
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+# --- checkpoints and preemption ----------------------------------------------
+
+
+def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
+                   is_chief: bool) -> str | None:
+  """Restores the newest readable checkpoint in `directory`; returns its path.
+
+  An unreadable newest checkpoint (truncated upload, disk full) is skipped
+  with a warning for the one before it; the chief then rewrites the
+  checkpoint list without it, so later restores (and the preemption handler's
+  own) agree. None when there is no checkpoint yet.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None:
+    return None
+  paths = list(state.all_model_checkpoint_paths) or [
+      state.model_checkpoint_path]
+  for index in range(len(paths) - 1, -1, -1):
+    try:
+      checkpoint.restore(paths[index]).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as error:
+      first_line = str(error).strip().splitlines()[0] if str(error) else ""
+      logging.warning("checkpoint %s is unreadable (%s: %s); trying the one "
+                      "before it", paths[index], type(error).__name__,
+                      first_line[:200])
+      continue
+    if index < len(paths) - 1 and is_chief:
+      tf.compat.v1.train.update_checkpoint_state(
+          directory, paths[index], all_model_checkpoint_paths=paths[:index + 1])
+    return paths[index]
+  raise UserError(f"no readable checkpoint in {directory} (tried "
+                  f"{len(paths)}); move the directory away to start afresh")
+
+
+class SigtermWatch:
+  """Single-process preemption: SIGTERM sets a flag the loop checks after each
+  host-loop call, then saves at that step and exits with code 42.
+
+  (PreemptionCheckpointHandler does this for MultiWorkerMirrored, where the
+  workers must agree on the step; on a TPU VM or a GCE CPU VM it does nothing,
+  so single-process runs, TPU included, use this.)
+  """
+
+  def __init__(self, save):
+    self.save = save
+    self.received = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: self.received.set())
+
+  def check(self, step: int) -> None:
+    if self.received.is_set():
+      self.save(step)
+      raise Preempted(f"SIGTERM: checkpoint saved at step {step}")
+
+
+class MultiWorkerWatch:
+  """MultiWorkerMirrored preemption via PreemptionCheckpointHandler: a SIGTERM
+  on any worker makes every worker save at the same step, then exit 42."""
+
+  def __init__(self, strategy, manager, cleanup):
+
+    def exit_fn():
+      cleanup()
+      raise Preempted("SIGTERM in the cluster: checkpoint saved")
+
+    self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver, manager,
+        termination_config=tf.distribute.experimental.TerminationConfig(
+            exit_fn=exit_fn))
+
+  def check(self, step: int) -> None:
+    self.handler.save_checkpoint_if_preempted(checkpoint_number=step)
+
+
+# --- the loop ----------------------------------------------------------------
+
+
+def crossed(previous_step: int, step: int, every: int) -> bool:
+  """Whether a multiple of `every` lies in (previous_step, step]."""
+  return every > 0 and previous_step // every < step // every
+
+
+def next_stop(step: int, config: TrainConfig) -> int:
+  """Where the next host-loop call must end: a checkpoint, eval or the end."""
+  stop = min(config.train_steps, step + config.steps_per_loop)
+  for every in (config.checkpoint_every, config.eval_every):
+    if every > 0:
+      stop = min(stop, (step // every + 1) * every)
+  return stop
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def write_json(path: str, values: dict) -> None:
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+# TensorBoard's scalar plugin tag. tf.summary.scalar needs the tensorboard
+# package, which TF 2.21 no longer installs; tf.summary.write with this
+# metadata writes the same event, and TensorBoard shows it.
+SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+def write_scalars(writer, step: int, values: dict) -> None:
+  with writer.as_default(step=step):
+    for name, value in values.items():
+      tf.summary.write(name, tf.constant(value, tf.float32),
+                       metadata=SCALAR_METADATA)
+
+
+def train_and_evaluate(config: TrainConfig, build_model: Callable,
+                       source: DataSource | None = None,
+                       strategy: tf.distribute.Strategy | None = None) -> dict:
+  """Trains to config.train_steps (resuming if MODEL_DIR has a checkpoint),
+  evaluates, writes metrics.json and export/. Returns the final metrics.
+
+  build_model(schema, dtype) -> keras.Model mapping reader inputs to logits
+  (or one value for regression); dtype is a Keras dtype policy or None.
+  source: defaults to `pipeline.dataset` on config.data_dir.
+  Raises UserError for bad input, Preempted after a SIGTERM checkpoint.
+  """
+  # The strategy comes first: MWMS and logical CPUs must be set up before
+  # anything (the reader's metadata included) initialises TensorFlow.
+  strategy = strategy or strategy_lib.make_strategy(
+      config.strategy, config.tpu, config.tpu_timeout, config.num_cpu_devices)
+  replicas = strategy.num_replicas_in_sync
+  logging.info("strategy %s with %d replicas", type(strategy).__name__,
+               replicas)
+  source = source or reader_source(config)
+  schema = source.schema
+  is_regression = schema.class_names is None
+  if config.batch_size % replicas:
+    raise UserError(f"--batch_size={config.batch_size} is not divisible by "
+                    f"the {replicas} replicas of the strategy")
+  keras.utils.set_random_seed(config.seed)  # weights init
+  # Unset TF's global seed again: the input order is then a function of the
+  # reader's (seed, epoch) alone, and TF 2.21 fails on a global seed of 0 with
+  # Dataset.shuffle(seed=<tensor>) inside the reader's flat_map.
+  tf.random.set_seed(None)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  chief = strategy_lib.is_chief(strategy)
+  tf.io.gfile.makedirs(config.model_dir)
+  if chief:
+    write_json(os.path.join(config.model_dir, "config.json"),
+               dataclasses.asdict(config))
+
+  with strategy.scope():
+    model = build_model(schema, config.mixed_precision)
+    optimizer = make_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    step_variable = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name="step")
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                   step=step_variable)
+  checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+  restored = restore_latest(checkpoint, checkpoint_dir, chief)
+  start_step = int(step_variable.numpy())
+  if restored:
+    logging.info("restored %s: continuing at step %d", restored, start_step)
+
+  # Every MWMS worker must take part in a save; only the chief's is kept.
+  write_dir = checkpoint_dir if chief else os.path.join(
+      config.model_dir, f"tmp_worker_{strategy_lib.task_id(strategy)}")
+  manager = tf.train.CheckpointManager(checkpoint, write_dir,
+                                       max_to_keep=config.keep_checkpoints,
+                                       checkpoint_name="ckpt")
+
+  def remove_worker_copy():
+    if not chief and tf.io.gfile.exists(write_dir):
+      tf.io.gfile.rmtree(write_dir)
+
+  def save(step):
+    manager.save(checkpoint_number=step)
+    remove_worker_copy()
+
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    preemption = MultiWorkerWatch(strategy, manager, remove_worker_copy)
+  else:
+    preemption = SigtermWatch(save)
+
+  train_steps = make_train_function(strategy, model, optimizer, is_regression,
+                                    config.batch_size, config.jit_compile)
+  evaluate = make_eval_function(strategy, model, is_regression)
+  # Resume: the reader skips the `start_step` batches already trained on.
+  train_dataset = strategy.distribute_datasets_from_function(
+      lambda context: source.train(context, start_step))
+  eval_dataset = source.evaluate and strategy.distribute_datasets_from_function(
+      source.evaluate)
+  if chief:
+    train_writer = tf.summary.create_file_writer(
+        os.path.join(config.model_dir, "train"))
+    eval_writer = tf.summary.create_file_writer(
+        os.path.join(config.model_dir, "eval"))
+  else:
+    train_writer = eval_writer = tf.summary.create_noop_writer()
+
+  def run_eval(step) -> dict:
+    if eval_dataset is None:
+      return {}
+    sums = evaluate(eval_dataset)
+    metrics = metrics_from_sums(sums, is_regression)
+    metrics["examples"] = int(round(float(sums["examples"])))
+    logging.info("eval %s at step %d: %s", source.eval_split, step,
+                 "  ".join(f"{name} {value:.4g}"
+                           for name, value in metrics.items()))
+    write_scalars(eval_writer, step, metrics)
+    return metrics
+
+  iterator = iter(train_dataset)
+  step = start_step
+  last_saved = start_step if restored else -1
+  window_sums, window_start, window_step = None, time.perf_counter(), step
+  eval_metrics = {}
+  while step < config.train_steps:
+    stop = next_stop(step, config)
+    sums = train_steps(iterator, tf.constant(stop - step))
+    sums = {name: float(value) for name, value in sums.items()}
+    previous_step, step = step, stop
+    step_variable.assign(step)
+    window_sums = sums if window_sums is None else {
+        name: window_sums[name] + sums[name] for name in sums}
+    if crossed(previous_step, step, config.log_every) or \
+        step == config.train_steps:
+      elapsed = time.perf_counter() - window_start
+      examples_per_second = window_sums["examples"] / max(elapsed, 1e-9)
+      seconds_left = ((config.train_steps - step) * config.batch_size /
+                      max(examples_per_second, 1e-9))
+      metrics = metrics_from_sums(window_sums, is_regression)
+      logging.info("step %d/%d  %s  %.0f examples/s  ETA %s", step,
+                   config.train_steps,
+                   "  ".join(f"{name} {value:.4f}"
+                             for name, value in metrics.items()),
+                   examples_per_second, format_seconds(seconds_left))
+      write_scalars(train_writer, step, {
+          **metrics,
+          "learning_rate": float(tf.convert_to_tensor(optimizer.learning_rate)),
+          "examples_per_second": examples_per_second})
+      window_sums, window_start = None, time.perf_counter()
+    if crossed(previous_step, step, config.checkpoint_every):
+      save(step)
+      last_saved = step
+    if crossed(previous_step, step, config.eval_every) and \
+        step < config.train_steps:
+      eval_metrics = run_eval(step)
+    preemption.check(step)
+
+  if last_saved != step:
+    save(step)
+  eval_metrics = run_eval(step)
+  final = {"step": step, **eval_metrics}
+  if source.eval_split:
+    final["split"] = source.eval_split
+  if chief:
+    write_json(os.path.join(config.model_dir, "metrics.json"), final)
+    train_writer.flush()
+    eval_writer.flush()
+    if config.export:
+      export_model = build_model(schema, None)  # float32, outside the strategy
+      export_model.set_weights(model.get_weights())
+      export_lib.export(export_model, schema, os.path.join(
+          config.model_dir, "export"), image_size=config.image_size,
+                        tflite=config.export_tflite,
+                        quantization=config.tflite_quantization)
+  logging.info("done at step %d: %s", step, json.dumps(final))
+  return final
