@@ -1,0 +1,517 @@
+r"""Raw datasets -> sharded TFRecords of tf.train.Example, readable by TFDS.
+
+  python -m pipeline.make_tfrecords            # the demo: draws ./data/shapes_raw,
+                                               # converts it to ./data/shapes
+  python -m pipeline.make_tfrecords --input=RAW_DIR --output_dir=OUT_DIR
+  python -m pipeline.make_tfrecords --source=csv --input=table.csv \
+      --label_column=species --output_dir=OUT_DIR
+  python -m pipeline.make_tfrecords --source=tfds --input=mnist \
+      --tfds_data_dir=~/tensorflow_datasets --output_dir=OUT_DIR
+  # the same job on Dataflow: add Beam's own options as Beam users type them
+  ... --output_dir=gs://BUCKET/out --runner=DataflowRunner --project=P \
+      --region=R --temp_location=gs://BUCKET/tmp
+
+The output dir is a TFDS dataset dir: tfds.builder_from_directory(OUT_DIR)
+reads it, and so do pipeline.dataset and the trainers.
+
+How it runs: the driver lists keys only (paths, record indices, row numbers),
+assigns splits and shards by hash, and writes one task file per shard; Beam
+runs one element per shard (see shard_writer for why); the driver then merges
+the shards' statistics, writes the dead-letter file and, last, the metadata.
+Without --runner it runs locally on Beam's FnApiRunner (the DirectRunner would
+first try to download the Prism runner), in-process for small inputs and on
+one process per core for large ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import re
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from pipeline import records
+from pipeline import shard_writer
+
+SOURCES = ("image_folder", "mnist_idx", "cifar_binary", "csv", "tfds")
+DEMO_RAW_DIR = os.path.join("data", "shapes_raw")
+DEMO_OUTPUT_DIR = os.path.join("data", "shapes")
+DEFAULT_SPLITS = (("train", 0.9), ("validation", 0.1))
+DEAD_LETTER_FILE = "dead_letter.jsonl"
+METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
+# Below this many examples one process beats a pool: starting Beam's worker
+# processes costs seconds (measured in bench/convert.py, see WORKSPACE.md).
+PARALLEL_MIN_EXAMPLES = 20_000
+
+
+class UserError(Exception):
+  """Bad input or flags: reported as one line, exit code 1, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+  """Everything a conversion needs; built once from the flags."""
+  source: str
+  input: str
+  output_dir: str
+  name: str
+  splits: tuple | None = None  # ((name, fraction), ...); None: the raw splits
+  num_shards: int | None = None  # per split; None: by size
+  image_size: tuple | None = None  # (height, width)
+  image_format: str | None = None
+  compression: str | None = None
+  overwrite: bool = False
+  max_bad_fraction: float = 0.01
+  seed: int = 0
+  label_column: str = "label"
+  task: str | None = None
+  tfds_data_dir: str | None = None
+  tfds_splits: tuple = ()
+
+
+# --- input -------------------------------------------------------------------
+
+
+def _exists(path: str) -> bool:
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  return FileSystems.exists(path) or bool(
+      FileSystems.match([path])[0].metadata_list)
+
+
+def detect_source(input_path: str) -> str:
+  """Guesses the source from the input's names; UserError when it cannot."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import cifar_binary  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import mnist_idx  # pylint: disable=g-import-not-at-top
+  if re.search(r"\.(csv|tsv)(\.gz)?$", input_path):
+    return "csv"
+  names = [posixpath.basename(m.path) for m in
+           FileSystems.match([input_path.rstrip("/") + "/*"])[0].metadata_list]
+  if any(mnist_idx.IDX_FILE.match(name) for name in names):
+    return "mnist_idx"
+  if any(cifar_binary.split_of(name) for name in names):
+    return "cifar_binary"
+  if names:
+    raise UserError(f"{input_path}: cannot tell its source from its files "
+                    f"(e.g. {names[0]}); pass --source={'|'.join(SOURCES)}")
+  return "image_folder"
+
+
+def list_source(config: ConvertConfig):
+  """The source's listing (see pipeline/sources); UserError on bad input."""
+  from pipeline.sources import cifar_binary  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import csv_table  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import image_folder  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import mnist_idx  # pylint: disable=g-import-not-at-top
+  from pipeline.sources import tfds_dataset  # pylint: disable=g-import-not-at-top
+  try:
+    if config.source == "image_folder":
+      listing = image_folder.list_examples(config.input)
+    elif config.source == "mnist_idx":
+      listing = mnist_idx.list_examples(config.input)
+    elif config.source == "cifar_binary":
+      listing = cifar_binary.list_examples(config.input)
+    elif config.source == "csv":
+      listing = csv_table.list_examples(config.input, config.label_column,
+                                        config.task)
+    elif config.source == "tfds":
+      listing = tfds_dataset.list_examples(config.input, config.tfds_data_dir,
+                                           config.tfds_splits)
+    else:
+      raise UserError(f"unknown source {config.source!r}; one of {SOURCES}")
+  except (ValueError, OSError) as error:
+    raise UserError(str(error)) from error
+  if not listing.items:
+    raise UserError(f"{config.input}: no examples found")
+  if listing.schema.kind != "image" and (config.image_size or
+                                         config.image_format):
+    raise UserError("--image_size/--image_format apply to image sources; "
+                    f"{config.input} holds vectors")
+  return listing
+
+
+# --- output dir --------------------------------------------------------------
+
+
+def _our_files(output_dir: str) -> list:
+  """Files a previous conversion left in `output_dir`."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  patterns = [posixpath.join(output_dir, "*.tfrecord-*")] + [
+      posixpath.join(output_dir, name)
+      for name in METADATA_FILES + (DEAD_LETTER_FILE,)]
+  patterns.append(shard_writer.staging_path(output_dir, "**"))
+  return [m.path for result in FileSystems.match(patterns)
+          for m in result.metadata_list]
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+  """Refuses a dir holding a dataset unless `overwrite`; then removes it.
+
+  Metadata goes first, so an interrupted removal never leaves a dir that
+  still looks like a finished dataset.
+  """
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  existing = _our_files(output_dir)
+  holds_dataset = any(".tfrecord-" in posixpath.basename(path) or
+                      posixpath.basename(path) in METADATA_FILES
+                      for path in existing
+                      if shard_writer.STAGING_DIR not in path)
+  if holds_dataset and not overwrite:
+    raise UserError(f"{output_dir} already holds a dataset; pass --overwrite "
+                    "to replace it, or choose another --output_dir")
+  existing.sort(key=lambda path: posixpath.basename(path) not in METADATA_FILES)
+  if existing:
+    FileSystems.delete(existing)
+  if not FileSystems.exists(output_dir):
+    FileSystems.mkdirs(output_dir)
+
+
+# --- the job -----------------------------------------------------------------
+
+
+def plan_tasks(config: ConvertConfig, listing) -> dict:
+  """Assigns splits and shards; writes the task files. -> split: [task paths]."""
+  by_split = {}
+  raw_splits = any(item.split is not None for item in listing.items)
+  for item in listing.items:
+    split = item.split if raw_splits else shard_writer.assign_split(
+        item.key, config.splits or DEFAULT_SPLITS)
+    by_split.setdefault(split, []).append(item)
+  bytes_per_item = listing.num_bytes / len(listing.items)
+  tasks = {}
+  for split, items in sorted(by_split.items()):
+    num_shards = min(len(items), config.num_shards or
+                     shard_writer.default_num_shards(
+                         len(items), int(bytes_per_item * len(items))))
+    shards = shard_writer.plan_shards(items, num_shards, config.seed)
+    tasks[split] = [
+        shard_writer.write_task(config.output_dir, split, index, num_shards,
+                                shard_items)
+        for index, shard_items in enumerate(shards)]
+  return tasks
+
+
+def parse_beam_options(beam_args: list):
+  """Beam's options as typed; UserError for a flag that neither we nor Beam know."""
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  options = pipeline_options.PipelineOptions(beam_args)
+  known = options.get_all_options()
+  unknown = set(options.get_all_options(retain_unknown_options=True)) - set(known)
+  if unknown:
+    raise UserError(f"unknown flag --{sorted(unknown)[0]} (not ours, not Beam's)")
+  return options
+
+
+def choose_runner(options, num_examples: int):
+  """The user's --runner, else a local FnApiRunner sized for the input.
+
+  Without --runner, parallelism defaults to one process per core from
+  PARALLEL_MIN_EXAMPLES examples up, unless --direct_num_workers or
+  --direct_running_mode say otherwise. Returns (runner or None, options).
+  """
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  from apache_beam.runners.portability import fn_api_runner  # pylint: disable=g-import-not-at-top
+  if options.view_as(pipeline_options.StandardOptions).runner is not None:
+    return None, options
+  given = options.get_all_options(drop_default=True)
+  direct = options.view_as(pipeline_options.DirectOptions)
+  cores = multiprocessing.cpu_count()
+  if ("direct_num_workers" not in given and "direct_running_mode" not in given
+      and num_examples >= PARALLEL_MIN_EXAMPLES and cores > 1):
+    direct.direct_num_workers = cores
+    direct.direct_running_mode = "multi_processing"
+  return fn_api_runner.FnApiRunner(), options
+
+
+def run_beam(tasks: dict, listing, shard_config, options) -> None:
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  runner, options = choose_runner(options, len(listing.items))
+  task_paths = [path for paths in tasks.values() for path in paths]
+  with beam.Pipeline(runner=runner, options=options) as pipeline:
+    _ = (pipeline
+         | "ShardTasks" >> beam.Create(task_paths)
+         # Spread the tasks over workers; Create emits one bundle.
+         | "Spread" >> beam.Reshuffle()
+         | "WriteShard" >> beam.Map(shard_writer.write_shard,
+                                    listing.reader, shard_config))
+
+
+def collect_results(config: ConvertConfig, tasks: dict) -> dict:
+  """Reads every shard's statistics; RuntimeError if one is missing."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  results = {}
+  for split, paths in tasks.items():
+    for index, _ in enumerate(paths):
+      path = shard_writer.staging_path(
+          config.output_dir, "results", shard_writer.task_file_name(split, index))
+      with FileSystems.open(path, compression_type="uncompressed") as stream:
+        results[(split, index)] = json.loads(stream.read())
+  return results
+
+
+def settle_schema(schema, results: dict):
+  """Fills an image schema's shape and format from what the shards saw."""
+  if schema.kind != "image":
+    return schema
+  sizes = {tuple(size) for r in results.values() for size in r["image_sizes"]}
+  channels = {c for r in results.values() for c in r["image_channels"]}
+  formats = {f for r in results.values() for f in r["image_formats"]}
+  height, width = sizes.pop() if len(sizes) == 1 else (None, None)
+  # TFDS images have 1, 3 or 4 channels; mixed ones decode as RGB.
+  common_channels = channels.pop() if len(channels) == 1 else 3
+  if common_channels not in (1, 3, 4):
+    common_channels = 3
+  return dataclasses.replace(
+      schema, shape=(height, width, common_channels),
+      image_format=formats.pop() if len(formats) == 1 else None)
+
+
+def write_dead_letter(output_dir: str, rejected: list) -> str | None:
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  if not rejected:
+    return None
+  path = posixpath.join(output_dir, DEAD_LETTER_FILE)
+  with FileSystems.create(path, compression_type="uncompressed") as stream:
+    for entry in rejected:
+      stream.write((json.dumps(entry) + "\n").encode())
+  return path
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSummary:
+  name: str
+  num_examples: int
+  num_shards: int
+  num_bytes: int
+  num_rejected: int
+
+
+def convert(config: ConvertConfig, beam_args: list = ()) -> list:
+  """Runs the conversion; returns a SplitSummary per split.
+
+  beam_args: Beam's own flags, as typed on the command line.
+  Raises UserError for bad input (before any Beam work) and when more than
+  max_bad_fraction of the records are bad (then no metadata is written).
+  """
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  from pipeline import metadata  # pylint: disable=g-import-not-at-top
+  beam_options = parse_beam_options(list(beam_args))
+  if config.source != "tfds" and not _exists(config.input):
+    raise UserError(f"{config.input}: no such file or directory")
+  prepare_output_dir(config.output_dir, config.overwrite)
+  listing = list_source(config)
+  raw_splits = {i.split for i in listing.items} - {None}
+  if raw_splits and config.splits:
+    raise UserError(f"{config.input} has its own splits ({', '.join(sorted(raw_splits))}); "
+                    "drop --splits")
+  tasks = plan_tasks(config, listing)
+  shard_config = shard_writer.ShardConfig(
+      output_dir=config.output_dir, name=config.name, schema=listing.schema,
+      compression=config.compression, image_size=config.image_size,
+      image_format=config.image_format)
+  run_beam(tasks, listing, shard_config, beam_options)
+  results = collect_results(config, tasks)
+
+  rejected_by_split = {}
+  for entry in listing.rejected:
+    split = entry.split or shard_writer.assign_split(
+        entry.key, config.splits or DEFAULT_SPLITS)
+    rejected_by_split.setdefault(split, []).append(
+        dict(split=split, key=entry.key, source=entry.source,
+             reason=entry.reason))
+  rejected, summaries, splits_metadata = [], [], {}
+  for split in sorted(set(tasks) | set(rejected_by_split)):
+    shards = [results[(split, index)] for index in range(len(tasks.get(split, ())))]
+    split_rejected = rejected_by_split.get(split, []) + [
+        dict(split=split, key=key, source=source, reason=reason)
+        for shard in shards for key, source, reason in shard["rejected"]]
+    rejected += split_rejected
+    lengths = [shard["num_examples"] for shard in shards]
+    num_bytes = sum(shard["num_bytes"] for shard in shards)
+    if shards:
+      splits_metadata[split] = (lengths, num_bytes)
+    summaries.append(SplitSummary(split, sum(lengths), len(shards), num_bytes,
+                                  len(split_rejected)))
+  rejected.sort(key=lambda r: (str(r["split"]), r["key"]))
+  dead_letter = write_dead_letter(config.output_dir, rejected)
+  num_written = sum(s.num_examples for s in summaries)
+  num_bad = len(rejected)
+  if num_written == 0:
+    raise UserError(f"{config.input}: every record was rejected; see {dead_letter}")
+  if num_bad > config.max_bad_fraction * (num_written + num_bad):
+    raise UserError(
+        f"{num_bad} of {num_written + num_bad} records were bad, more than "
+        f"--max_bad_fraction={config.max_bad_fraction}; see {dead_letter} "
+        "(no metadata written: not a dataset)")
+  schema = settle_schema(listing.schema, results)
+  metadata.write(config.output_dir, schema, splits_metadata,
+                 compression=config.compression,
+                 description=f"Converted from {config.input} ({config.source}).")
+  FileSystems.delete([shard_writer.staging_path(config.output_dir)])
+  return summaries
+
+
+# --- entry point -------------------------------------------------------------
+
+
+def _human_bytes(num_bytes: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if num_bytes < 1024 or unit == "GiB":
+      return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes} B"
+    num_bytes /= 1024
+
+
+def format_summary(summaries: list, seconds: float, output_dir: str) -> str:
+  lines = [f"{'split':<12}{'examples':>10}{'shards':>8}{'bytes':>12}{'rejected':>10}"]
+  for s in summaries + [SplitSummary(
+      "total", sum(s.num_examples for s in summaries),
+      sum(s.num_shards for s in summaries),
+      sum(s.num_bytes for s in summaries),
+      sum(s.num_rejected for s in summaries))]:
+    lines.append(f"{s.name:<12}{s.num_examples:>10}{s.num_shards:>8}"
+                 f"{_human_bytes(s.num_bytes):>12}{s.num_rejected:>10}")
+  total = summaries and sum(s.num_examples for s in summaries)
+  lines.append(f"{total} examples in {seconds:.1f} s "
+               f"({total / max(seconds, 1e-9):,.0f} examples/s)")
+  if any(s.num_rejected for s in summaries):
+    lines.append(f"rejected records (source and reason): "
+                 f"{posixpath.join(output_dir, DEAD_LETTER_FILE)}")
+  lines.append(f"wrote {output_dir}; read it with "
+               f"tfds.builder_from_directory({output_dir!r})")
+  return "\n".join(lines)
+
+
+_SOURCE = flags.DEFINE_enum("source", None, SOURCES,
+                            "Raw format; guessed from --input when unset.")
+_INPUT = flags.DEFINE_string(
+    "input", None, "Raw data: a folder, a CSV file, or a TFDS name "
+    "(--source=tfds). Unset with no --source: the embedded shapes demo.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "Where the dataset goes (local or gs://).")
+_NAME = flags.DEFINE_string("name", None, "Dataset name in shard file names; "
+                            "default: the output dir's name.")
+_SPLITS = flags.DEFINE_string(
+    "splits", None, "NAME:FRACTION,... for data without its own splits; "
+    "default train:0.9,validation:0.1.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", None, "Shards per split; default: ~128 MiB each, at least "
+    f"{shard_writer.MIN_SHARDS} when there are enough examples.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_string("image_size", None,
+                                  "Resize images: SIZE or HEIGHTxWIDTH.")
+_IMAGE_FORMAT = flags.DEFINE_enum("image_format", None, ["jpeg", "png"],
+                                  "Re-encode images; default: keep the bytes.")
+_COMPRESSION = flags.DEFINE_enum("compression", None, ["GZIP"],
+                                 "Compress the shards.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace a dataset already in --output_dir.")
+_MAX_BAD_FRACTION = flags.DEFINE_float(
+    "max_bad_fraction", 0.01, "Fail when more records than this are bad.",
+    lower_bound=0.0, upper_bound=1.0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle into shards.")
+_LABEL_COLUMN = flags.DEFINE_string("label_column", "label", "CSV label column.")
+_TASK = flags.DEFINE_enum("task", None, ["classification", "regression"],
+                          "CSV label kind; default: regression for non-integer "
+                          "numbers, else classification.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None,
+                                     "data_dir of a prepared TFDS dataset.")
+_TFDS_SPLITS = flags.DEFINE_list("tfds_splits", [],
+                                 "TFDS splits to convert; default: all.")
+
+
+def parse_splits(text: str) -> tuple:
+  splits = []
+  for part in text.split(","):
+    name, _, fraction = part.partition(":")
+    try:
+      value = float(fraction)
+    except ValueError:
+      value = -1.0
+    if not re.fullmatch(r"[A-Za-z]\w*", name) or not 0 < value <= 1:
+      raise UserError(f"--splits={text}: expected NAME:FRACTION,... with "
+                      "fractions in (0, 1], e.g. train:0.9,validation:0.1")
+    splits.append((name, value))
+  if abs(sum(v for _, v in splits) - 1.0) > 1e-6 or \
+      len({n for n, _ in splits}) != len(splits):
+    raise UserError(f"--splits={text}: fractions must sum to 1 and names differ")
+  return tuple(splits)
+
+
+def parse_image_size(text: str | None) -> tuple | None:
+  if text is None:
+    return None
+  match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+  if not match or int(match.group(1)) == 0 or match.group(2) == "0":
+    raise UserError(f"--image_size={text}: expected SIZE or HEIGHTxWIDTH, e.g. "
+                    "64 or 64x48")
+  height = int(match.group(1))
+  return height, int(match.group(2) or height)
+
+
+def config_from_flags() -> ConvertConfig:
+  """The flags, checked, as a ConvertConfig; writes the demo data if asked."""
+  source, input_path, output_dir = _SOURCE.value, _INPUT.value, _OUTPUT_DIR.value
+  overwrite = _OVERWRITE.value
+  if input_path is None and source is None:
+    from pipeline import demo_data  # pylint: disable=g-import-not-at-top
+    _, written = demo_data.ensure_shapes(DEMO_RAW_DIR)
+    print(f"demo: {'wrote' if written else 'using'} the shapes image folder "
+          f"{DEMO_RAW_DIR}")
+    input_path, source = DEMO_RAW_DIR, "image_folder"
+    if output_dir is None:
+      output_dir, overwrite = DEMO_OUTPUT_DIR, True  # our own, regenerable
+  if input_path is None:
+    raise UserError("--input is required with --source")
+  if output_dir is None:
+    raise UserError("--output_dir is required with --input")
+  if source is None:
+    if not _exists(input_path):
+      raise UserError(f"{input_path}: no such file or directory")
+    source = detect_source(input_path)
+  name = _NAME.value or re.sub(r"\W+", "_", posixpath.basename(
+      output_dir.rstrip("/"))).strip("_").lower()
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
+    raise UserError(f"--name={name!r}: use lower-case letters, digits and _ "
+                    "(it is part of every shard's file name)")
+  return ConvertConfig(
+      source=source, input=input_path, output_dir=output_dir.rstrip("/"),
+      name=name, splits=parse_splits(_SPLITS.value) if _SPLITS.value else None,
+      num_shards=_NUM_SHARDS.value,
+      image_size=parse_image_size(_IMAGE_SIZE.value),
+      image_format=_IMAGE_FORMAT.value, compression=_COMPRESSION.value,
+      overwrite=overwrite, max_bad_fraction=_MAX_BAD_FRACTION.value,
+      seed=_SEED.value, label_column=_LABEL_COLUMN.value, task=_TASK.value,
+      tfds_data_dir=_TFDS_DATA_DIR.value, tfds_splits=tuple(_TFDS_SPLITS.value))
+
+
+def parse_flags(argv: list) -> list:
+  """Our flags via absl; the rest (Beam's) are returned for PipelineOptions."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as error:
+    print(f"make_tfrecords: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list) -> None:
+  started = time.monotonic()
+  if not flags.FLAGS["verbosity"].present:  # Beam and TFDS log a lot at INFO
+    logging.set_verbosity(logging.ERROR)
+  try:
+    config = config_from_flags()
+    summaries = convert(config, beam_args=argv[1:])
+  except UserError as error:
+    print(f"make_tfrecords: error: {error}", file=sys.stderr)
+    sys.exit(1)
+  print(format_summary(summaries, time.monotonic() - started, config.output_dir))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
