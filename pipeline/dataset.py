@@ -194,8 +194,10 @@ def _augment(seed: int, pipeline_id: int):
   """(batch index, (images, labels)) -> randomly cropped/flipped images.
 
   Random crop with CROP_PADDING zero pixels per side and a horizontal flip,
-  per example, vectorised over the batch. Randomness is stateless, keyed by
-  (seed, batch index, pipeline), so a resumed stream augments identically.
+  per example, vectorised over the batch as two gathers (rows, then columns;
+  a flip is the columns in reverse, 2x cheaper than reversing images).
+  Randomness is stateless, keyed by (seed, batch index, pipeline), so a
+  resumed stream augments identically.
   """
 
   def augment(batch_index, batch):
@@ -210,13 +212,12 @@ def _augment(seed: int, pipeline_id: int):
     offsets = tf.random.stateless_uniform(
         [2, batch_size], seed=crop_key, maxval=2 * CROP_PADDING + 1,
         dtype=tf.int32)
+    flip = tf.random.stateless_uniform([batch_size], seed=flip_key) < 0.5
     rows = offsets[0][:, None] + tf.range(height)[None, :]
     columns = offsets[1][:, None] + tf.range(width)[None, :]
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    cropped = tf.gather(cropped, columns, axis=2, batch_dims=1)
-    flip = tf.random.stateless_uniform([batch_size], seed=flip_key) < 0.5
-    images = tf.where(flip[:, None, None, None], tf.reverse(cropped, [2]),
-                      cropped)
+    columns = tf.where(flip[:, None], tf.reverse(columns, [1]), columns)
+    images = tf.gather(padded, rows, axis=1, batch_dims=1)
+    images = tf.gather(images, columns, axis=2, batch_dims=1)
     return images, labels
 
   return augment

@@ -209,10 +209,23 @@ def test_augmentation_crops_and_flips_but_keeps_labels(image_dataset_dir):
   images, labels = first_batch(True)
   np.testing.assert_array_equal(labels, plain_labels)
   assert images.shape == plain_images.shape and images.dtype == np.uint8
-  changed = [not np.array_equal(a, b) for a, b in zip(images, plain_images)]
-  assert 0 < sum(changed) <= 32
-  # A crop shifts by at most CROP_PADDING, so zero padding shows up on some.
-  assert (images == 0).any() and not (plain_images == 0).any()
+  pad = dataset.CROP_PADDING
+  candidates = [(top, left, flip) for top in range(2 * pad + 1)
+                for left in range(2 * pad + 1) for flip in (False, True)]
+
+  def crop(padded, top, left, flip):
+    window = padded[top:top + 8, left:left + 8]
+    return window[:, ::-1] if flip else window
+
+  transforms = []
+  for image, plain in zip(images, plain_images):
+    padded = np.pad(plain, [(pad, pad), (pad, pad), (0, 0)])
+    matches = [candidate for candidate in candidates
+               if np.array_equal(image, crop(padded, *candidate))]
+    assert matches, "not a crop (+ flip) of the original"
+    transforms.append(matches[0])
+  assert len({flip for _, _, flip in transforms}) == 2
+  assert len({(top, left) for top, left, _ in transforms}) > 5
 
 
 def test_training_cache_serves_later_epochs_from_memory(tmp_path):
