@@ -342,18 +342,24 @@ def test_incomplete_dirs_and_bad_arguments_fail_with_the_path(tmp_path,
     dataset.load(missing_dir, "train", 4, training=True)
 
 
+@pytest.mark.parametrize("actual_count", [3, 12])
 def test_shard_lengths_that_disagree_with_metadata_fail_naming_the_file(
-    tmp_path):
+    tmp_path, actual_count):
   data_dir = write_numbered(tmp_path, 20, 2)
   files = dataset.info(data_dir).splits["train"].files
-  with tf.io.TFRecordWriter(files[0]) as writer:  # 3 records, metadata: 10
-    for index in range(3):
+  with tf.io.TFRecordWriter(files[0]) as writer:  # the metadata says 10
+    for index in range(actual_count):
       writer.write(records.make_example(NUMBERED_SCHEMA, "x", [0.0, 0.0],
                                         float(index)))
   ds = dataset.load(data_dir, "train", 4, training=False)
   with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=os.path.basename(files[0]) + ": read 3 records"):
+                     match=os.path.basename(files[0]) +
+                     f": read {actual_count} records"):
     list(ds)
+  if actual_count > 10:  # more records than listed is no bad record to skip
+    with pytest.raises(ValueError, match=os.path.basename(files[0])):
+      dataset.load(data_dir, "train", 4, training=False,
+                   skip_bad_records=True)
 
 
 # --- strategies and TFDS -----------------------------------------------------
