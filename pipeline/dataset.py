@@ -261,7 +261,11 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
       (seed, epoch, input pipeline) (and of TF's global seed, if set).
     start_step: global steps already taken: the stream starts where an
       uninterrupted run with the same arguments would be after them.
-    input_context: from `distribute_datasets_from_function`, or None.
+    input_context: from `distribute_datasets_from_function`, or None: one
+      pipeline reading everything, in global batches (what
+      `experimental_distribute_dataset` wants on a single worker; it does
+      not re-shard, auto-sharding is off, so on several workers use
+      `distribute_datasets_from_function`).
     image_size: (height, width) to resize to; required when image sizes vary.
     augment: training images get a random crop (zero padding 4) and flip.
     cache: keep parsed examples in memory after the first pass (small
