@@ -52,6 +52,11 @@ _WORKER_LOG_DIR = flags.DEFINE_string(
 _GRACE_SECONDS = flags.DEFINE_float(
     "grace_seconds", 10.0,
     "After SIGTERM, how long workers get to checkpoint before SIGKILL.")
+_CRASH_GRACE_SECONDS = flags.DEFINE_float(
+    "crash_grace_seconds", 1.0,
+    "The same after a worker crashed: short, because under "
+    "MultiWorkerMirrored the others cannot checkpoint without it and just "
+    "wait in a collective.")
 
 
 class UsageError(Exception):
@@ -66,6 +71,7 @@ class LaunchConfig:
   ports: tuple | None  # None: pick free ports for every attempt
   log_dir: str | None
   grace_seconds: float
+  crash_grace_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +207,14 @@ def run_group(command: list, config: LaunchConfig, attempt: int,
   returncode = children[failed].popen.returncode
   processes.say(f"launch.local: worker {failed} failed "
                 f"({processes.describe_exit(returncode)}); stopping the others")
+  grace_seconds = config.crash_grace_seconds
   if returncode == PREEMPTED:
     # The others are likely saving the same coordinated checkpoint: let them
     # finish on their own before we send anything.
     processes.wait_all(children, time.monotonic() + config.grace_seconds,
                        signals.hurry)
-  processes.stop(children, watchdog, config.grace_seconds,
-                 hurry=signals.hurry)
+    grace_seconds = config.grace_seconds
+  processes.stop(children, watchdog, grace_seconds, hurry=signals.hurry)
   return Outcome(returncode, failed)
 
 
@@ -270,7 +277,8 @@ def main(argv):
   config = LaunchConfig(
       num_workers=_NUM_WORKERS.value, max_restarts=_MAX_RESTARTS.value,
       max_preemptions=_MAX_PREEMPTIONS.value, ports=ports,
-      log_dir=_WORKER_LOG_DIR.value, grace_seconds=_GRACE_SECONDS.value)
+      log_dir=_WORKER_LOG_DIR.value, grace_seconds=_GRACE_SECONDS.value,
+      crash_grace_seconds=_CRASH_GRACE_SECONDS.value)
   return supervise(command, config)
 
 
