@@ -10,7 +10,10 @@ Steps, each a `gcloud compute tpus tpu-vm` command printed as it runs
   2. `describe`: create the TPU VM if absent, wait until READY;
   3. `scp` a tarball of this project to every host, `ssh --worker=all` to
      unpack and `pip install` it;
-  4. `ssh --worker=all --command="... trainer --tpu=local"`, streaming logs;
+  4. `ssh --worker=all --command="... trainer --tpu=local"`, streaming logs
+     (with --pod, a multi-host TF slice: only worker 0 runs the trainer, with
+     --tpu=NAME, and reaches the other hosts' TPUs through the -pod runtime,
+     as the Cloud TPU TensorFlow pod guide does);
   5. when the run ends non-zero, `describe` again: PREEMPTED/TERMINATED means
      the VM is gone (spot/preemptible): delete, recreate, reinstall, re-run;
      a READY VM with exit 42 (the trainer checkpointed on SIGTERM) is re-run
@@ -63,6 +66,9 @@ _VERSION = flags.DEFINE_string(
     "tpu-vm-tf-2.16.1-pod-pjrt.")
 _SPOT = flags.DEFINE_bool("spot", False, "Create a Spot TPU VM (cheaper, "
                           "preemptible).")
+_POD = flags.DEFINE_bool(
+    "pod", False, "A multi-host slice (e.g. v4-32): run the trainer on worker "
+    "0 with --tpu=NAME; needs a -pod- --version.")
 _DELETE = flags.DEFINE_bool("delete", False,
                             "Delete the TPU VM when the run ends.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
@@ -93,6 +99,7 @@ class TpuConfig:
   accelerator_type: str
   version: str
   spot: bool
+  pod: bool
   delete: bool
   dry_run: bool
   max_restarts: int
@@ -170,8 +177,8 @@ def gcloud_error(stderr: str) -> str:
   return line
 
 
-def check_trainer_command(command: list) -> list:
-  """The command with --tpu=local; gs:// data and model dirs required."""
+def check_trainer_command(command: list, tpu_flag: str) -> list:
+  """The command with tpu_flag (--tpu=...); gs:// data and model dirs required."""
   if not command:
     raise LaunchError("no command: put the trainer after `--`, e.g. "
                       "`-- python3 -m trainers.cnn --data_dir=gs://...`")
@@ -184,7 +191,7 @@ def check_trainer_command(command: list) -> list:
                         "a preempted VM")
   if "tpu" in values or "--tpu" in command:
     return list(command)
-  return [*command, "--tpu=local"]
+  return [*command, tpu_flag]
 
 
 def check_gcloud(gcloud: Gcloud) -> None:
@@ -301,8 +308,11 @@ def install(gcloud: Gcloud) -> None:
 
 def remote_run_command(config: TpuConfig, command: list) -> str:
   """`exec` keeps the pid written to the pid file the trainer's own."""
+  # On a pod, worker 0 drives the other hosts' TPUs remotely: it must not
+  # grab its local TPU as a library (the Cloud TPU pod guide's setting).
+  environment = "export TPU_LOAD_LIBRARY=0 && " if config.pod else ""
   return (f"cd ~/{config.remote_dir} && echo $$ > ~/{config.remote_dir}.pid "
-          f"&& exec {shlex.join(command)}")
+          f"&& {environment}exec {shlex.join(command)}")
 
 
 def stop_remote(gcloud: Gcloud) -> None:
@@ -316,7 +326,8 @@ def run_once(gcloud: Gcloud, command: list,
              watchdog: processes.Watchdog) -> int:
   """One run on every host; the first failing host's exit code (gcloud's)."""
   config = gcloud.config
-  child = gcloud.stream(*tpu("ssh", config.name, "--worker=all",
+  workers = "--worker=0" if config.pod else "--worker=all"
+  child = gcloud.stream(*tpu("ssh", config.name, workers,
                              f"--command={remote_run_command(config, command)}"
                              ), watchdog=watchdog)
   if child is None:  # dry run
@@ -382,11 +393,12 @@ def main(argv):
   try:
     if not _NAME.value or not _ZONE.value:
       raise LaunchError("--name and --zone are required")
-    command = check_trainer_command(argv[1:])
+    command = check_trainer_command(
+        argv[1:], f"--tpu={_NAME.value}" if _POD.value else "--tpu=local")
     config = TpuConfig(
         name=_NAME.value, zone=_ZONE.value, project=_PROJECT.value,
         accelerator_type=_ACCELERATOR_TYPE.value, version=_VERSION.value,
-        spot=_SPOT.value, delete=_DELETE.value, dry_run=_DRY_RUN.value,
+        spot=_SPOT.value, pod=_POD.value, delete=_DELETE.value, dry_run=_DRY_RUN.value,
         max_restarts=_MAX_RESTARTS.value,
         max_preemptions=_MAX_PREEMPTIONS.value, remote_dir=_REMOTE_DIR.value,
         poll_seconds=_POLL_SECONDS.value,

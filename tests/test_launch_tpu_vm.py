@@ -60,7 +60,7 @@ def summary(call):
   verb = call[3]
   if verb == "ssh":
     remote = next(arg for arg in call if arg.startswith("--command="))
-    if "--tpu=local" in remote:
+    if "--tpu=" in remote:
       return "ssh:run"
     return "ssh:install" if "pip install" in remote else "ssh:kill"
   return verb
@@ -139,6 +139,21 @@ def test_dry_run_prints_every_command_and_runs_none(fake_gcloud):
               "delete"]
   assert "--tpu=local" in printed[-2]
   assert calls(state_dir) == []
+
+
+def test_pod_runs_the_trainer_on_worker_0_with_the_tpu_name(fake_gcloud):
+  env, state_dir = fake_gcloud
+  result = run_launcher(launcher_command(
+      "--pod", "--accelerator_type=v4-32",
+      "--version=tpu-vm-tf-2.16.1-pod-pjrt"), env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  install = next(call for call in calls(state_dir)
+                 if summary(call) == "ssh:install")
+  run = next(call for call in calls(state_dir) if summary(call) == "ssh:run")
+  assert "--worker=all" in install and "--worker=0" in run
+  remote = next(arg for arg in run if arg.startswith("--command="))
+  assert "export TPU_LOAD_LIBRARY=0 && exec " in remote
+  assert remote.endswith(" ".join(TRAINER) + " --tpu=test-tpu")
 
 
 def assert_one_line_error(result, expected):
