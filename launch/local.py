@@ -39,6 +39,7 @@ from launch import processes
 
 PREEMPTED = 42
 USER_ERROR = 1
+PORT_WAIT_SECONDS = 5.0  # for --ports to be released between attempts
 
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes.")
 _MAX_RESTARTS = flags.DEFINE_integer(
@@ -111,6 +112,18 @@ def check_ports_free(ports) -> None:
                          "leave out --ports to use free ones") from None
 
 
+def wait_for_ports(ports, seconds: float) -> None:
+  """Before a restart on --ports: the stopped workers' ports, once free."""
+  deadline = time.monotonic() + seconds
+  while True:
+    try:
+      return check_ports_free(ports)
+    except UsageError:
+      if time.monotonic() > deadline:
+        raise
+    time.sleep(processes.POLL_SECONDS)
+
+
 def tf_config(ports, index: int) -> str:
   return json.dumps({
       "cluster": {"worker": [f"localhost:{port}" for port in ports]},
@@ -165,7 +178,7 @@ def run_group(command: list, config: LaunchConfig, attempt: int,
   """One attempt: start every worker, wait for all to finish or one to fail."""
   ports = config.ports or free_ports(config.num_workers)
   if config.ports and attempt > 0:
-    check_ports_free(ports)
+    wait_for_ports(ports, PORT_WAIT_SECONDS)
   processes.say(f"launch.local: attempt {attempt}: {config.num_workers} "
                 f"worker(s) on ports {','.join(map(str, ports))}")
   children = []
@@ -225,7 +238,11 @@ def supervise(command: list, config: LaunchConfig) -> int:
   restarts = preemptions = 0
   try:
     for attempt in range(config.max_restarts + config.max_preemptions + 1):
-      outcome = run_group(command, config, attempt, watchdog, signals)
+      try:
+        outcome = run_group(command, config, attempt, watchdog, signals)
+      except UsageError as error:  # a --ports port taken between attempts
+        print(f"launch.local: {error}", file=sys.stderr)
+        return USER_ERROR
       code = outcome.returncode
       if outcome.stopped_by is not None or code in (0, USER_ERROR):
         break

@@ -316,14 +316,18 @@ def test_taken_port_is_one_line(worker):
   assert not starts(out_dir)
 
 
-def test_given_ports_are_used(worker):
+def test_given_ports_are_used_again_after_a_restart(worker):
   command, out_dir = worker
   with socket.socket() as first, socket.socket() as second:
     first.bind(("localhost", 0))
     second.bind(("localhost", 0))
     ports = [first.getsockname()[1], second.getsockname()[1]]
   result = run_launcher(launcher_command(
-      "--num_workers=2", f"--ports={ports[0]},{ports[1]}") + command + ["2"])
-  assert result.returncode == 0, result.stderr
-  assert starts(out_dir)[0]["tf_config"]["cluster"]["worker"] == [
-      f"localhost:{port}" for port in ports]
+      "--num_workers=2", f"--ports={ports[0]},{ports[1]}", "--max_restarts=1")
+                        + command + ["3", "worker=1", "at=1", "exit=3"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = starts(out_dir)
+  assert len(records) == 4
+  for record in records:
+    assert record["tf_config"]["cluster"]["worker"] == [
+        f"localhost:{port}" for port in ports]
