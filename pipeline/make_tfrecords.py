@@ -46,9 +46,13 @@ DEMO_OUTPUT_DIR = os.path.join("data", "shapes")
 DEFAULT_SPLITS = (("train", 0.9), ("validation", 0.1))
 DEAD_LETTER_FILE = "dead_letter.jsonl"
 METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
-# Below this many examples one process beats a pool: starting Beam's worker
-# processes costs seconds (measured in bench/convert.py, see WORKSPACE.md).
-PARALLEL_MIN_EXAMPLES = 20_000
+# Local parallelism pays only for big jobs: Beam's worker processes take
+# ~3.5 s to start (measured: 4.5 s vs 1.7 s for a trivial pipeline), so one
+# process per core wins only past ~7 s of single-process work on 2 cores.
+# Work is estimated from measured per-example costs (bench/convert.py).
+PARALLEL_MIN_WORK_SECONDS = 7.0
+SECONDS_PER_EXAMPLE = 35e-6  # bytes kept: read, check, encode, frame
+SECONDS_PER_REENCODED_EXAMPLE = 150e-6  # plus decode, resize, encode (32x32)
 
 
 class UserError(Exception):
@@ -209,31 +213,38 @@ def parse_beam_options(beam_args: list):
   return options
 
 
-def choose_runner(options, num_examples: int):
-  """The user's --runner, else a local FnApiRunner sized for the input.
+def choose_runner(options, beam_args: list, estimated_seconds: float):
+  """The user's --runner, else a local FnApiRunner sized for the work.
 
-  Without --runner, parallelism defaults to one process per core from
-  PARALLEL_MIN_EXAMPLES examples up, unless --direct_num_workers or
-  --direct_running_mode say otherwise. Returns (runner or None, options).
+  Without --runner: one process per core when the single-process work is
+  estimated past PARALLEL_MIN_WORK_SECONDS, else in-process; the user's
+  --direct_num_workers/--direct_running_mode win. Returns (runner or None
+  for Beam's own choice, options).
   """
   import multiprocessing  # pylint: disable=g-import-not-at-top
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.portability import fn_api_runner  # pylint: disable=g-import-not-at-top
   if options.view_as(pipeline_options.StandardOptions).runner is not None:
     return None, options
-  given = options.get_all_options(drop_default=True)
+  # The flags as typed: get_all_options(drop_default=True) would hide a
+  # --direct_num_workers=1, which equals Beam's default.
+  given = {arg.lstrip("-").split("=")[0] for arg in beam_args}
   direct = options.view_as(pipeline_options.DirectOptions)
   cores = multiprocessing.cpu_count()
   if ("direct_num_workers" not in given and "direct_running_mode" not in given
-      and num_examples >= PARALLEL_MIN_EXAMPLES and cores > 1):
+      and estimated_seconds >= PARALLEL_MIN_WORK_SECONDS and cores > 1):
     direct.direct_num_workers = cores
     direct.direct_running_mode = "multi_processing"
   return fn_api_runner.FnApiRunner(), options
 
 
-def run_beam(tasks: dict, listing, shard_config, options) -> None:
+def run_beam(tasks: dict, listing, shard_config, beam_args: list) -> None:
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  runner, options = choose_runner(options, len(listing.items))
+  per_example = (SECONDS_PER_REENCODED_EXAMPLE
+                 if shard_config.image_size or shard_config.image_format
+                 else SECONDS_PER_EXAMPLE)
+  runner, options = choose_runner(parse_beam_options(beam_args), beam_args,
+                                  per_example * len(listing.items))
   task_paths = [path for paths in tasks.values() for path in paths]
   with beam.Pipeline(runner=runner, options=options) as pipeline:
     _ = (pipeline
@@ -285,6 +296,72 @@ def write_dead_letter(output_dir: str, rejected: list) -> str | None:
   return path
 
 
+def metadata_helper_main() -> None:
+  """The helper process: imports TFDS at once, then writes what stdin asks.
+
+  The request is a pickle from the parent (our own process, trusted); the
+  answer on stdout is "ok" or the error.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  # TFDS imports TF lazily, hence the explicit import above: the point is
+  # to pay for both now, while the job runs.
+  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  from pipeline import metadata  # pylint: disable=g-import-not-at-top
+  request = sys.stdin.buffer.read()
+  if not request:  # the job failed; nothing to write
+    return
+  args, kwargs = pickle.loads(request)
+  try:
+    metadata.write(*args, **kwargs)
+    print("ok")
+  except Exception as error:  # pylint: disable=broad-except
+    print(f"{type(error).__name__}: {error}".replace("\n", " "))
+
+
+class MetadataWriter:
+  """Calls metadata.write, from a helper process that imported TF meanwhile.
+
+  metadata.write needs TFDS, and importing it (TensorFlow with it) takes
+  ~3.3 s, a third of a 100k-image conversion that needs TF nowhere else. The
+  helper imports it on another core while the job lists and converts. When
+  this process already has TFDS (tests, notebooks), it writes in-process.
+  A plain subprocess, not multiprocessing: spawn would re-run the caller's
+  main module.
+  """
+
+  def __init__(self):
+    self._process = None
+    if "tensorflow_datasets" not in sys.modules:
+      import subprocess  # pylint: disable=g-import-not-at-top
+      project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+          filter(None, [project_root, os.environ.get("PYTHONPATH")])))
+      self._process = subprocess.Popen(
+          [sys.executable, "-c", "from pipeline import make_tfrecords; "
+           "make_tfrecords.metadata_helper_main()"],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
+
+  def write(self, *args, **kwargs) -> None:
+    if self._process is None:
+      from pipeline import metadata  # pylint: disable=g-import-not-at-top
+      metadata.write(*args, **kwargs)
+      return
+    import pickle  # pylint: disable=g-import-not-at-top
+    answer, _ = self._process.communicate(pickle.dumps((args, kwargs)))
+    self._process = None
+    answer = answer.decode().strip().splitlines()
+    if answer != ["ok"]:
+      raise RuntimeError("writing the metadata failed: " +
+                         (answer[-1] if answer else "the helper died"))
+
+  def close(self) -> None:
+    """Stops an unused helper (the job failed before the metadata)."""
+    if self._process is not None:
+      self._process.communicate(b"")
+      self._process = None
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitSummary:
   name: str
@@ -301,9 +378,17 @@ def convert(config: ConvertConfig, beam_args: list = ()) -> list:
   Raises UserError for bad input (before any Beam work) and when more than
   max_bad_fraction of the records are bad (then no metadata is written).
   """
+  beam_args = list(beam_args)
+  parse_beam_options(beam_args)  # a typo fails now, not after the listing
+  metadata_writer = MetadataWriter()
+  try:
+    return _convert(config, beam_args, metadata_writer)
+  finally:
+    metadata_writer.close()
+
+
+def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  from pipeline import metadata  # pylint: disable=g-import-not-at-top
-  beam_options = parse_beam_options(list(beam_args))
   if config.source != "tfds" and not _exists(config.input):
     raise UserError(f"{config.input}: no such file or directory")
   prepare_output_dir(config.output_dir, config.overwrite)
@@ -317,7 +402,7 @@ def convert(config: ConvertConfig, beam_args: list = ()) -> list:
       output_dir=config.output_dir, name=config.name, schema=listing.schema,
       compression=config.compression, image_size=config.image_size,
       image_format=config.image_format)
-  run_beam(tasks, listing, shard_config, beam_options)
+  run_beam(tasks, listing, shard_config, beam_args)
   results = collect_results(config, tasks)
 
   rejected_by_split = {}
@@ -352,9 +437,9 @@ def convert(config: ConvertConfig, beam_args: list = ()) -> list:
         f"--max_bad_fraction={config.max_bad_fraction}; see {dead_letter} "
         "(no metadata written: not a dataset)")
   schema = settle_schema(listing.schema, results)
-  metadata.write(config.output_dir, schema, splits_metadata,
-                 compression=config.compression,
-                 description=f"Converted from {config.input} ({config.source}).")
+  metadata_writer.write(
+      config.output_dir, schema, splits_metadata, compression=config.compression,
+      description=f"Converted from {config.input} ({config.source}).")
   FileSystems.delete([shard_writer.staging_path(config.output_dir)])
   return summaries
 

@@ -9,9 +9,11 @@ import typing
 from pipeline import records
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Item:
+class Item(typing.NamedTuple):
   """One example as the driver knows it: a key and where to find the rest.
+
+  A NamedTuple, not a frozen dataclass: the driver makes one per example, and
+  a frozen dataclass takes ~3x longer to build (0.3 s per 100k).
 
   key: the example's id (stored in the record), and the input of the split
     and shuffle hashes; unique within the dataset.
