@@ -398,7 +398,8 @@ def main(argv):
     config = TpuConfig(
         name=_NAME.value, zone=_ZONE.value, project=_PROJECT.value,
         accelerator_type=_ACCELERATOR_TYPE.value, version=_VERSION.value,
-        spot=_SPOT.value, pod=_POD.value, delete=_DELETE.value, dry_run=_DRY_RUN.value,
+        spot=_SPOT.value, pod=_POD.value, delete=_DELETE.value,
+        dry_run=_DRY_RUN.value,
         max_restarts=_MAX_RESTARTS.value,
         max_preemptions=_MAX_PREEMPTIONS.value, remote_dir=_REMOTE_DIR.value,
         poll_seconds=_POLL_SECONDS.value,
@@ -418,14 +419,25 @@ def main(argv):
     print(f"launch.tpu_vm: {error}", file=sys.stderr)
   except KeyboardInterrupt:
     code = 130
-  if config.delete and code != 130:
-    gcloud.run(*tpu("delete", config.name, "--quiet"),
-               check_error=f"cannot delete TPU VM {config.name}")
-    processes.say(f"launch.tpu_vm: deleted {config.name}")
-  elif not config.dry_run and state_of(gcloud) != "NOT_FOUND":
-    processes.say(f"launch.tpu_vm: TPU VM {config.name} is still there (and "
-                  f"billed); delete it with `{delete_command(gcloud)}`")
+  try:
+    clean_up(gcloud, delete=config.delete and code != 130)
+  except LaunchError as error:
+    print(f"launch.tpu_vm: {error}", file=sys.stderr)
+    code = code or USER_ERROR
   return code
+
+
+def clean_up(gcloud: Gcloud, delete: bool) -> None:
+  """Deletes the VM, or says it is still there (nothing left untold)."""
+  name = gcloud.config.name
+  if delete:
+    gcloud.run(*tpu("delete", name, "--quiet"),
+               check_error=f"cannot delete TPU VM {name} (check with "
+               f"`gcloud compute tpus tpu-vm list --zone={gcloud.config.zone}`)")
+    processes.say(f"launch.tpu_vm: deleted {name}")
+  elif not gcloud.config.dry_run and state_of(gcloud) != "NOT_FOUND":
+    processes.say(f"launch.tpu_vm: TPU VM {name} is still there (and "
+                  f"billed); delete it with `{delete_command(gcloud)}`")
 
 
 if __name__ == "__main__":
