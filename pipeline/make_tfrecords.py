@@ -27,18 +27,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
+import pickle
 import posixpath
 import re
+import subprocess
 import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options import pipeline_options
+from apache_beam.runners.portability import fn_api_runner
 
-from pipeline import records
+from pipeline import demo_data
+from pipeline import metadata
 from pipeline import shard_writer
+from pipeline.sources import cifar_binary
+from pipeline.sources import csv_table
+from pipeline.sources import image_folder
+from pipeline.sources import mnist_idx
+from pipeline.sources import tfds_dataset
 
 SOURCES = ("image_folder", "mnist_idx", "cifar_binary", "csv", "tfds")
 DEMO_RAW_DIR = os.path.join("data", "shapes_raw")
@@ -84,16 +97,16 @@ class ConvertConfig:
 
 
 def _exists(path: str) -> bool:
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  return FileSystems.exists(path) or bool(
-      FileSystems.match([path])[0].metadata_list)
+  """A file, a glob with matches, or a folder (on GCS: a non-empty prefix)."""
+  if FileSystems.exists(path):
+    return True
+  patterns = [path, path.rstrip("/") + "/**"]
+  return any(result.metadata_list
+             for result in FileSystems.match(patterns, limits=[1, 1]))
 
 
 def detect_source(input_path: str) -> str:
   """Guesses the source from the input's names; UserError when it cannot."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import cifar_binary  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import mnist_idx  # pylint: disable=g-import-not-at-top
   if re.search(r"\.(csv|tsv)(\.gz)?$", input_path):
     return "csv"
   names = [posixpath.basename(m.path) for m in
@@ -110,11 +123,6 @@ def detect_source(input_path: str) -> str:
 
 def list_source(config: ConvertConfig):
   """The source's listing (see pipeline/sources); UserError on bad input."""
-  from pipeline.sources import cifar_binary  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import csv_table  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import image_folder  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import mnist_idx  # pylint: disable=g-import-not-at-top
-  from pipeline.sources import tfds_dataset  # pylint: disable=g-import-not-at-top
   try:
     if config.source == "image_folder":
       listing = image_folder.list_examples(config.input)
@@ -146,7 +154,6 @@ def list_source(config: ConvertConfig):
 
 def _our_files(output_dir: str) -> list:
   """Files a previous conversion left in `output_dir`."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   patterns = [posixpath.join(output_dir, "*.tfrecord-*")] + [
       posixpath.join(output_dir, name)
       for name in METADATA_FILES + (DEAD_LETTER_FILE,)]
@@ -161,7 +168,6 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
   Metadata goes first, so an interrupted removal never leaves a dir that
   still looks like a finished dataset.
   """
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   existing = _our_files(output_dir)
   holds_dataset = any(".tfrecord-" in posixpath.basename(path) or
                       posixpath.basename(path) in METADATA_FILES
@@ -180,31 +186,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
 # --- the job -----------------------------------------------------------------
 
 
-def plan_tasks(config: ConvertConfig, listing) -> dict:
-  """Assigns splits and shards; writes the task files. -> split: [task paths]."""
-  by_split = {}
-  raw_splits = any(item.split is not None for item in listing.items)
-  for item in listing.items:
-    split = item.split if raw_splits else shard_writer.assign_split(
-        item.key, config.splits or DEFAULT_SPLITS)
-    by_split.setdefault(split, []).append(item)
-  bytes_per_item = listing.num_bytes / len(listing.items)
-  tasks = {}
-  for split, items in sorted(by_split.items()):
-    num_shards = min(len(items), config.num_shards or
-                     shard_writer.default_num_shards(
-                         len(items), int(bytes_per_item * len(items))))
-    shards = shard_writer.plan_shards(items, num_shards, config.seed)
-    tasks[split] = [
-        shard_writer.write_task(config.output_dir, split, index, num_shards,
-                                shard_items)
-        for index, shard_items in enumerate(shards)]
-  return tasks
-
-
 def parse_beam_options(beam_args: list):
   """Beam's options as typed; UserError for a flag that neither we nor Beam know."""
-  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   options = pipeline_options.PipelineOptions(beam_args)
   known = options.get_all_options()
   unknown = set(options.get_all_options(retain_unknown_options=True)) - set(known)
@@ -221,9 +204,6 @@ def choose_runner(options, beam_args: list, estimated_seconds: float):
   --direct_num_workers/--direct_running_mode win. Returns (runner or None
   for Beam's own choice, options).
   """
-  import multiprocessing  # pylint: disable=g-import-not-at-top
-  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
-  from apache_beam.runners.portability import fn_api_runner  # pylint: disable=g-import-not-at-top
   if options.view_as(pipeline_options.StandardOptions).runner is not None:
     return None, options
   # The flags as typed: get_all_options(drop_default=True) would hide a
@@ -239,7 +219,6 @@ def choose_runner(options, beam_args: list, estimated_seconds: float):
 
 
 def run_beam(tasks: dict, listing, shard_config, beam_args: list) -> None:
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
   per_example = (SECONDS_PER_REENCODED_EXAMPLE
                  if shard_config.image_size or shard_config.image_format
                  else SECONDS_PER_EXAMPLE)
@@ -253,19 +232,6 @@ def run_beam(tasks: dict, listing, shard_config, beam_args: list) -> None:
          | "Spread" >> beam.Reshuffle()
          | "WriteShard" >> beam.Map(shard_writer.write_shard,
                                     listing.reader, shard_config))
-
-
-def collect_results(config: ConvertConfig, tasks: dict) -> dict:
-  """Reads every shard's statistics; RuntimeError if one is missing."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  results = {}
-  for split, paths in tasks.items():
-    for index, _ in enumerate(paths):
-      path = shard_writer.staging_path(
-          config.output_dir, "results", shard_writer.task_file_name(split, index))
-      with FileSystems.open(path, compression_type="uncompressed") as stream:
-        results[(split, index)] = json.loads(stream.read())
-  return results
 
 
 def settle_schema(schema, results: dict):
@@ -286,7 +252,6 @@ def settle_schema(schema, results: dict):
 
 
 def write_dead_letter(output_dir: str, rejected: list) -> str | None:
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   if not rejected:
     return None
   path = posixpath.join(output_dir, DEAD_LETTER_FILE)
@@ -302,12 +267,10 @@ def metadata_helper_main() -> None:
   The request is a pickle from the parent (our own process, trusted); the
   answer on stdout is "ok" or the error.
   """
-  import pickle  # pylint: disable=g-import-not-at-top
   import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   # TFDS imports TF lazily, hence the explicit import above: the point is
   # to pay for both now, while the job runs.
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
-  from pipeline import metadata  # pylint: disable=g-import-not-at-top
   request = sys.stdin.buffer.read()
   if not request:  # the job failed; nothing to write
     return
@@ -333,7 +296,6 @@ class MetadataWriter:
   def __init__(self):
     self._process = None
     if "tensorflow_datasets" not in sys.modules:
-      import subprocess  # pylint: disable=g-import-not-at-top
       project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
           filter(None, [project_root, os.environ.get("PYTHONPATH")])))
@@ -344,10 +306,8 @@ class MetadataWriter:
 
   def write(self, *args, **kwargs) -> None:
     if self._process is None:
-      from pipeline import metadata  # pylint: disable=g-import-not-at-top
       metadata.write(*args, **kwargs)
       return
-    import pickle  # pylint: disable=g-import-not-at-top
     answer, _ = self._process.communicate(pickle.dumps((args, kwargs)))
     self._process = None
     answer = answer.decode().strip().splitlines()
@@ -387,36 +347,20 @@ def convert(config: ConvertConfig, beam_args: list = ()) -> list:
     metadata_writer.close()
 
 
-def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  if config.source != "tfds" and not _exists(config.input):
-    raise UserError(f"{config.input}: no such file or directory")
-  prepare_output_dir(config.output_dir, config.overwrite)
-  listing = list_source(config)
-  raw_splits = {i.split for i in listing.items} - {None}
-  if raw_splits and config.splits:
-    raise UserError(f"{config.input} has its own splits ({', '.join(sorted(raw_splits))}); "
-                    "drop --splits")
-  tasks = plan_tasks(config, listing)
-  shard_config = shard_writer.ShardConfig(
-      output_dir=config.output_dir, name=config.name, schema=listing.schema,
-      compression=config.compression, image_size=config.image_size,
-      image_format=config.image_format)
-  run_beam(tasks, listing, shard_config, beam_args)
-  results = collect_results(config, tasks)
+def summarize(tasks: dict, results: dict, listing_rejected: list) -> tuple:
+  """Merges the shards' statistics and the listing's rejections.
 
+  Returns ([SplitSummary], {split: (shard lengths, bytes)} for the metadata,
+  [dead-letter entries] sorted, so the file is the same on every run).
+  """
   rejected_by_split = {}
-  for entry in listing.rejected:
-    split = entry.split or shard_writer.assign_split(
-        entry.key, config.splits or DEFAULT_SPLITS)
-    rejected_by_split.setdefault(split, []).append(
-        dict(split=split, key=entry.key, source=entry.source,
-             reason=entry.reason))
-  rejected, summaries, splits_metadata = [], [], {}
+  for entry in listing_rejected:
+    rejected_by_split.setdefault(entry.split, []).append(entry._asdict())
+  summaries, splits_metadata, rejected = [], {}, []
   for split in sorted(set(tasks) | set(rejected_by_split)):
     shards = [results[(split, index)] for index in range(len(tasks.get(split, ())))]
     split_rejected = rejected_by_split.get(split, []) + [
-        dict(split=split, key=key, source=source, reason=reason)
+        dict(key=key, source=source, reason=reason, split=split)
         for shard in shards for key, source, reason in shard["rejected"]]
     rejected += split_rejected
     lengths = [shard["num_examples"] for shard in shards]
@@ -425,22 +369,53 @@ def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
       splits_metadata[split] = (lengths, num_bytes)
     summaries.append(SplitSummary(split, sum(lengths), len(shards), num_bytes,
                                   len(split_rejected)))
-  rejected.sort(key=lambda r: (str(r["split"]), r["key"]))
+  rejected.sort(key=lambda entry: (entry["split"], entry["key"]))
+  return summaries, splits_metadata, rejected
+
+
+def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
+  started = time.monotonic()
+  if config.source != "tfds" and not _exists(config.input):
+    raise UserError(f"{config.input}: no such file or directory")
+  prepare_output_dir(config.output_dir, config.overwrite)
+  listing = list_source(config)
+  raw_splits = sorted({item.split for item in listing.items} - {None})
+  if raw_splits and config.splits:
+    raise UserError(f"{config.input} has its own splits ({', '.join(raw_splits)}); "
+                    "drop --splits")
+  splits = None if raw_splits else config.splits or DEFAULT_SPLITS
+  tasks = shard_writer.plan_tasks(listing.items, config.output_dir, splits,
+                                  config.num_shards, config.seed,
+                                  bytes_per_item=listing.num_bytes / len(listing.items))
+  listing_rejected = [entry._replace(split=entry.split or shard_writer.assign_split(
+      entry.key, splits)) for entry in listing.rejected]
+  print(f"listed {len(listing.items)} examples in "
+        f"{time.monotonic() - started:.1f} s; writing "
+        f"{sum(len(paths) for paths in tasks.values())} shards", flush=True)
+
+  shard_config = shard_writer.ShardConfig(
+      output_dir=config.output_dir, name=config.name, schema=listing.schema,
+      compression=config.compression, image_size=config.image_size,
+      image_format=config.image_format)
+  run_beam(tasks, listing, shard_config, beam_args)
+  results = shard_writer.read_results(config.output_dir, tasks)
+
+  summaries, splits_metadata, rejected = summarize(tasks, results,
+                                                    listing_rejected)
   dead_letter = write_dead_letter(config.output_dir, rejected)
   num_written = sum(s.num_examples for s in summaries)
-  num_bad = len(rejected)
   if num_written == 0:
     raise UserError(f"{config.input}: every record was rejected; see {dead_letter}")
-  if num_bad > config.max_bad_fraction * (num_written + num_bad):
+  if len(rejected) > config.max_bad_fraction * (num_written + len(rejected)):
     raise UserError(
-        f"{num_bad} of {num_written + num_bad} records were bad, more than "
-        f"--max_bad_fraction={config.max_bad_fraction}; see {dead_letter} "
-        "(no metadata written: not a dataset)")
-  schema = settle_schema(listing.schema, results)
+        f"{len(rejected)} of {num_written + len(rejected)} records were bad, "
+        f"more than --max_bad_fraction={config.max_bad_fraction}; see "
+        f"{dead_letter} (no metadata written: not a dataset)")
   metadata_writer.write(
-      config.output_dir, schema, splits_metadata, compression=config.compression,
+      config.output_dir, settle_schema(listing.schema, results), splits_metadata,
+      compression=config.compression,
       description=f"Converted from {config.input} ({config.source}).")
-  FileSystems.delete([shard_writer.staging_path(config.output_dir)])
+  shard_writer.delete_staging(config.output_dir)
   return summaries
 
 
@@ -545,7 +520,6 @@ def config_from_flags() -> ConvertConfig:
   source, input_path, output_dir = _SOURCE.value, _INPUT.value, _OUTPUT_DIR.value
   overwrite = _OVERWRITE.value
   if input_path is None and source is None:
-    from pipeline import demo_data  # pylint: disable=g-import-not-at-top
     _, written = demo_data.ensure_shapes(DEMO_RAW_DIR)
     print(f"demo: {'wrote' if written else 'using'} the shapes image folder "
           f"{DEMO_RAW_DIR}")

@@ -25,6 +25,10 @@ import posixpath
 import struct
 import uuid
 
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+import google_crc32c
+
 from pipeline import metadata
 from pipeline import records
 from pipeline.sources import common
@@ -101,6 +105,13 @@ def staging_path(output_dir: str, *parts: str) -> str:
   return posixpath.join(output_dir, STAGING_DIR, *parts)
 
 
+def delete_staging(output_dir: str) -> None:
+  path = staging_path(output_dir)
+  # GCS deletes a whole prefix only when given a trailing slash; the local
+  # filesystem reads one as "the files in it".
+  FileSystems.delete([path + "/" if "://" in path else path])
+
+
 def task_file_name(split: str, index: int) -> str:
   return f"{split}-{index:05d}.json"
 
@@ -108,7 +119,6 @@ def task_file_name(split: str, index: int) -> str:
 def write_task(output_dir: str, split: str, index: int, num_shards: int,
                items: list) -> str:
   """Writes a shard's items to a task file; returns its path (the Beam element)."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   path = staging_path(output_dir, "tasks", task_file_name(split, index))
   task = {"split": split, "index": index, "num_shards": num_shards,
           "items": [[i.key, i.location, i.label] for i in items]}
@@ -117,11 +127,44 @@ def write_task(output_dir: str, split: str, index: int, num_shards: int,
   return path
 
 
+def plan_tasks(items: list, output_dir: str, splits: tuple | None,
+               num_shards: int | None, seed: int, bytes_per_item: float) -> dict:
+  """Assigns splits and shards and writes the task files.
+
+  splits: ((name, fraction), ...), or None when the items carry raw splits.
+  num_shards: per split; None for default_num_shards. Returns
+  {split: [task file paths, in shard order]}.
+  """
+  by_split = {}
+  for item in items:
+    split = item.split if splits is None else assign_split(item.key, splits)
+    by_split.setdefault(split, []).append(item)
+  tasks = {}
+  for split, split_items in sorted(by_split.items()):
+    count = min(len(split_items), num_shards or default_num_shards(
+        len(split_items), int(bytes_per_item * len(split_items))))
+    tasks[split] = [
+        write_task(output_dir, split, index, count, shard_items)
+        for index, shard_items in enumerate(
+            plan_shards(split_items, count, seed))]
+  return tasks
+
+
+def read_results(output_dir: str, tasks: dict) -> dict:
+  """{(split, shard index): statistics} written by every task's write_shard."""
+  results = {}
+  for split, paths in tasks.items():
+    for index in range(len(paths)):
+      path = staging_path(output_dir, "results", task_file_name(split, index))
+      with FileSystems.open(path, compression_type="uncompressed") as stream:
+        results[(split, index)] = json.loads(stream.read())
+  return results
+
+
 # --- writing (Beam worker) ---------------------------------------------------
 
 
 def _masked_crc(data: bytes) -> int:
-  import google_crc32c  # pylint: disable=g-import-not-at-top
   crc = google_crc32c.value(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -139,8 +182,6 @@ def write_shard(task_path: str, reader, config: ShardConfig) -> dict:
   The statistics go to a result file next to the task, because the driver
   cannot collect a PCollection from every runner.
   """
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
   with FileSystems.open(task_path, compression_type="uncompressed") as stream:
     task = json.loads(stream.read())
   split = task["split"]

@@ -13,6 +13,7 @@ import dataclasses
 import posixpath
 import re
 
+from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from pipeline import records
@@ -62,7 +63,6 @@ class CifarReader:
 
 
 def _class_names(input_dir: str, file_name: str, default: tuple) -> tuple:
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   path = posixpath.join(input_dir, file_name)
   if not FileSystems.exists(path):
     return default
@@ -77,7 +77,6 @@ def list_examples(input_dir: str) -> common.Listing:
   A file whose size is not a whole number of records keeps its whole records;
   the partial one at the end is rejected.
   """
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   input_dir = input_dir.rstrip("/")
   files = [m for m in FileSystems.match([input_dir + "/*.bin"])[0].metadata_list
            if split_of(posixpath.basename(m.path))]

@@ -6,6 +6,9 @@ import dataclasses
 import io
 import typing
 
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
 from pipeline import records
 
 
@@ -68,7 +71,6 @@ class Listing:
 
 def png_bytes(pixels) -> bytes:
   """uint8 [H, W] or [H, W, C] -> PNG bytes (what TFDS stores for mnist/cifar)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   if pixels.ndim == 3 and pixels.shape[-1] == 1:
     pixels = pixels[..., 0]
   buffer = io.BytesIO()
@@ -87,7 +89,6 @@ def read_fixed_size_records(items: list, header_size: int,
   they are streamed once keeping only the wanted records. Memory: one shard's
   records, never a whole file.
   """
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   by_file = {}
   for item in items:
     path, index = item.location
@@ -126,7 +127,6 @@ def reencode_image(data: bytes, image_size: tuple | None,
   Returns (bytes, (height, width, channels, format)); ValueError if the bytes
   do not decode.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as image:
       image = image.convert("L" if image.mode in ("L", "1", "I;16") else "RGB")

@@ -15,13 +15,14 @@ import io
 import math
 import posixpath
 
+from apache_beam.io.filesystems import FileSystems
+
 from pipeline import records
 from pipeline.sources import common
 
 
 def _rows(path: str):
   """Yields (row_number, fields) after the header; row 0 is the first data row."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   with FileSystems.open(path) as stream:  # .gz decompressed by extension
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
     reader = csv.reader(text, delimiter="\t" if ".tsv" in path else ",")
@@ -96,7 +97,6 @@ class CsvReader:
 def list_examples(path: str, label_column: str,
                   task: str | None = None) -> common.Listing:
   """One pass: checks every row, learns the labels; bad rows are rejected."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   rows = _rows(path)
   _, header = next(rows)
   if not header:

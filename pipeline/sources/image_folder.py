@@ -16,6 +16,9 @@ import posixpath
 import re
 import struct
 
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
 from pipeline import records
 from pipeline.sources import common
 
@@ -77,7 +80,6 @@ def inspect_image(data: bytes) -> tuple:
     if data.rfind(_PNG_END, max(0, len(data) - _TAIL_BYTES)) < 0:
       raise ValueError("truncated PNG: no IEND chunk")
     return height, width, channels, "png"
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.verify()
@@ -93,7 +95,6 @@ class ImageFolderReader:
   root: str
 
   def read(self, items):
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     local = "://" not in self.root
     for item in items:
       path = posixpath.join(self.root, item.location)
@@ -127,7 +128,6 @@ def _list_files(root: str) -> tuple:
   """
   files = []
   if "://" in root:
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     num_bytes = 0
     for metadata in FileSystems.match([root + "/**"])[0].metadata_list:
       relative = metadata.path[len(root) + 1:]

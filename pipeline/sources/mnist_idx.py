@@ -14,6 +14,7 @@ import posixpath
 import re
 import struct
 
+from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from pipeline import records
@@ -26,7 +27,6 @@ LABELS_MAGIC = 0x00000801
 
 
 def _open(path: str):
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   return FileSystems.open(path, compression_type="gzip" if path.endswith(".gz")
                           else "uncompressed")
 
@@ -58,7 +58,6 @@ class IdxReader:
 
 def list_examples(input_dir: str) -> common.Listing:
   """Pairs images and labels files by prefix; t10k/test files are 'test'."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   matches = FileSystems.match([input_dir.rstrip("/") + "/*"])[0].metadata_list
   pairs = {}
   for metadata in matches:

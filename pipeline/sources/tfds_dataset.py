@@ -14,6 +14,7 @@ import dataclasses
 
 from pipeline import records
 from pipeline.sources import common
+from pipeline.sources import image_folder
 
 
 def _builder(name: str, data_dir: str | None):
@@ -48,7 +49,6 @@ class TfdsReader:
 
   def read(self, items):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from pipeline.sources import image_folder  # pylint: disable=g-import-not-at-top
     builder = _builder(self.name, self.data_dir)
     wanted = {}
     for item in items:
