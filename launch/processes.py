@@ -85,10 +85,18 @@ class Watchdog:
         [sys.executable, "-m", "launch.processes", str(grace_seconds)],
         stdin=subprocess.PIPE, start_new_session=True,
         env=_with_project_on_path(os.environ))
+    self._listening = True
 
   def _tell(self, line: str) -> None:
-    self._process.stdin.write(line.encode() + b"\n")
-    self._process.stdin.flush()
+    if not self._listening:
+      return
+    try:
+      self._process.stdin.write(line.encode() + b"\n")
+      self._process.stdin.flush()
+    except BrokenPipeError:  # someone killed it; our own stops still work
+      self._listening = False
+      say("launch: the watchdog process died; if this launcher is killed "
+          "now, its workers may outlive it")
 
   def watch(self, pgid: int) -> None:
     self._tell(f"+{pgid}")
@@ -99,7 +107,10 @@ class Watchdog:
   def close(self) -> None:
     """Normal exit: every group was stopped already, so nothing to kill."""
     self._tell("done")
-    self._process.stdin.close()
+    try:
+      self._process.stdin.close()
+    except BrokenPipeError:
+      pass
     self._process.wait()
 
 

@@ -331,3 +331,19 @@ def test_given_ports_are_used_again_after_a_restart(worker):
   for record in records:
     assert record["tf_config"]["cluster"]["worker"] == [
         f"localhost:{port}" for port in ports]
+
+
+def test_launcher_survives_its_watchdog_dying(worker):
+  command, out_dir = worker
+  launcher = start_launcher(launcher_command("--num_workers=2") + command +
+                            ["1000", "step_seconds=0.05"])
+  assert wait_until(lambda: len(starts(out_dir)) == 2)
+  watchdog = next(child for child in psutil.Process(launcher.pid).children()
+                  if "launch.processes" in child.cmdline())
+  watchdog.kill()
+  launcher.send_signal(signal.SIGINT)
+  output, _ = launcher.communicate(timeout=30)
+  assert launcher.returncode == 130, output
+  assert "the watchdog process died" in output
+  assert "Traceback" not in output
+  assert all(is_gone(record["pid"]) for record in starts(out_dir))
