@@ -89,9 +89,24 @@ def _share(split: metadata.Split, num_pipelines: int, pipeline_id: int,
   return _PipelineShare(files, lengths, True, num_pipelines, pipeline_id, mine)
 
 
+def _shard_records(path, compression: str | None) -> tf.data.Dataset:
+  """A shard's readable records: read errors end the file, never the run.
+
+  A corrupt record ends TF's reading of its file (the rest of the file is
+  lost); callers count what came out. A file that cannot be opened would make
+  ignore_errors() retry it forever, so a missing file reads as no files (0
+  records, which the count then reports) via matching_files, the path's glob
+  characters escaped. (A file that exists but cannot be opened still loops;
+  metadata.read checked every file exists and TF has no in-graph "can open".)
+  """
+  literal = tf.strings.regex_replace(path, r"([*?\[])", r"[\1]")
+  shard = tf.data.TFRecordDataset(tf.io.matching_files(literal),
+                                  compression or "")
+  return shard.ignore_errors()
+
+
 def _count_readable(path: str, compression: str | None) -> int:
-  records_read = tf.data.TFRecordDataset(path, compression or "")
-  return int(records_read.ignore_errors().reduce(
+  return int(_shard_records(path, compression).reduce(
       tf.constant(0, tf.int64), lambda count, _: count + 1))
 
 
@@ -125,17 +140,16 @@ def _readable_lengths(split: metadata.Split, files: tuple,
 
 
 def _read_shard(path, expected_count, compression: str | None):
-  """The records of one shard; stops with an error naming the file when the
-  file does not hold exactly `expected_count` readable records.
+  """The records of one shard; stops with an error naming the file when it
+  does not yield exactly `expected_count` records.
 
   TF's own DataLossError says "corrupted record at 480" without the file, so
-  errors are swallowed per file and the count is checked at its end instead.
-  Counting happens on blocks of records: a function call per record (scan,
-  filter) cost 2.5x the reader's throughput, per block it is free.
+  errors are swallowed per file (_shard_records) and the count is checked at
+  its end instead. Counting happens on blocks of records: a function call per
+  record (scan, filter) cost 2.5x the reader's throughput, per block it is
+  free.
   """
-  shard = tf.data.TFRecordDataset(path, compression or "")
-  shard = shard.ignore_errors()
-  blocks = shard.batch(COUNT_BLOCK_SIZE)
+  blocks = _shard_records(path, compression).batch(COUNT_BLOCK_SIZE)
   blocks = blocks.map(lambda block: (block, True))
   end_of_file = (tf.zeros([0], tf.string), False)
   blocks = blocks.concatenate(tf.data.Dataset.from_tensors(end_of_file))
@@ -150,22 +164,16 @@ def _read_shard(path, expected_count, compression: str | None):
         tf.logical_or(real, tf.equal(count_before, expected_count)),
         [tf.strings.join([
             path, ": read ", tf.strings.as_string(count_before),
-            " records, the metadata says ",
-            tf.strings.as_string(expected_count),
-            " (corrupt or truncated shard; load(skip_bad_records=True) "
-            "skips and counts bad records)"])])
+            " records, expected ", tf.strings.as_string(expected_count),
+            " (corrupt, truncated or missing shard, or one that disagrees "
+            "with the metadata; load(skip_bad_records=True) skips and counts "
+            "unreadable records)"])])
     with tf.control_dependencies([check]):
       return tf.identity(real)
 
   blocks = blocks.filter(is_records)
   blocks = blocks.map(lambda count_before, block, real: block)
   return blocks.unbatch()
-
-
-def _read_shard_skipping_bad(path, expected_count, compression: str | None):
-  del expected_count  # already counted by _readable_lengths
-  shard = tf.data.TFRecordDataset(path, compression or "")
-  return shard.ignore_errors()
 
 
 def _parse_batch(schema: records.Schema, image_size):
@@ -315,12 +323,10 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
         "reads every file and keeps 1 record in %d (write more shards to "
         "avoid reading all the bytes on every worker)", data_dir, split,
         len(split_info.files), share.num_pipelines, share.num_pipelines)
-  read_shard = _read_shard
   if skip_bad_records:
     lengths = _readable_lengths(split_info, share.files, compression)
     share = _share(split_info, input_context.num_input_pipelines,
                    input_context.input_pipeline_id, lengths)
-    read_shard = _read_shard_skipping_bad
   if share.num_examples == 0:
     raise ValueError(f"{data_dir}: split {split!r} has no examples for input "
                      f"pipeline {input_context.input_pipeline_id} of "
@@ -329,11 +335,11 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
   def read(files, counts):
     shards = tf.data.Dataset.from_tensor_slices((files, counts))
     return shards.flat_map(
-        lambda path, count: read_shard(path, count, compression))
+        lambda path, count: _read_shard(path, count, compression))
 
   parse = _parse_batch(schema, image_size)
   if training:
-    ds = _training_stream(share, read_shard, compression, parse,
+    ds = _training_stream(share, compression, parse,
                           batch_size=batch_size, seed=seed,
                           start_step=start_step,
                           examples_per_step=batch_size * replicas_per_pipeline,
@@ -354,16 +360,19 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
     ds = ds.map(_pad_to(batch_size))
     # Every pipeline yields the same number of batches, a multiple of the
     # replicas it feeds, so collectives never wait on a pipeline that ran out.
-    ds = ds.concatenate(_padding_batches(ds.element_spec))
-    ds = ds.take(_eval_batches(split_info, input_context,
-                               batch_size * replicas_per_pipeline)
-                 * replicas_per_pipeline)
+    # (Appended, not cut with take(): the real batches must reach their end,
+    # or cache() never completes.)
+    num_batches = replicas_per_pipeline * _eval_rounds(
+        split_info, input_context, batch_size * replicas_per_pipeline)
+    ds = ds.concatenate(_padding_batches(
+        ds.element_spec, num_batches - math.ceil(share.num_examples /
+                                                 batch_size)))
     deterministic = True
   ds = ds.with_options(_options(deterministic))
   return ds.prefetch(AUTOTUNE)
 
 
-def _training_stream(share: _PipelineShare, read_shard, compression, parse, *,
+def _training_stream(share: _PipelineShare, compression, parse, *,
                      batch_size: int, seed: int, start_step: int,
                      examples_per_step: int, cache: bool,
                      shuffle_buffer_size: int) -> tf.data.Dataset:
@@ -378,7 +387,7 @@ def _training_stream(share: _PipelineShare, read_shard, compression, parse, *,
     shards = tf.data.Dataset.from_tensor_slices(
         (tf.gather(files, order), tf.gather(counts, order)))
     ds = shards.interleave(
-        lambda path, count: read_shard(path, count, compression),
+        lambda path, count: _read_shard(path, count, compression),
         cycle_length=min(len(share.files), INTERLEAVE_CYCLE_LENGTH),
         num_parallel_calls=AUTOTUNE)  # in order unless deterministic=False
     if share.record_sharded:
@@ -440,13 +449,13 @@ def _pad_to(batch_size: int):
   return pad
 
 
-def _padding_batches(element_spec) -> tf.data.Dataset:
-  """Endless all-zero, weight-0 batches shaped like `element_spec`."""
+def _padding_batches(element_spec, count: int) -> tf.data.Dataset:
+  """`count` all-zero, weight-0 batches shaped like `element_spec`."""
   zeros = tuple(tf.zeros(spec.shape, spec.dtype) for spec in element_spec)
-  return tf.data.Dataset.from_tensors(zeros).repeat()
+  return tf.data.Dataset.from_tensors(zeros).repeat(count)
 
 
-def _eval_batches(split: metadata.Split,
+def _eval_rounds(split: metadata.Split,
                   input_context: tf.distribute.InputContext,
                   examples_per_round: int) -> int:
   """Rounds (one batch per replica) every pipeline yields: the largest

@@ -102,12 +102,17 @@ def test_eval_pipelines_are_disjoint_cover_and_align(request, directory,
   assert batch_counts[0] % (replicas // num_pipelines) == 0
 
 
-def test_eval_cache_gives_the_same_stream_twice(numbered_dir):
-  ds = dataset.load(numbered_dir, "validation", 16, training=False, cache=True)
-  first = labels_of(ds)
-  assert labels_of(ds) == first
-  assert first == labels_of(
-      dataset.load(numbered_dir, "validation", 16, training=False))
+@pytest.mark.parametrize("batch_size", [10, 16])  # no padding; padding
+def test_eval_cache_serves_later_passes_from_memory(tmp_path, batch_size):
+  data_dir = write_numbered(tmp_path, 50, 3)
+  uncached = labels_of(dataset.load(data_dir, "validation", batch_size,
+                                    training=False))
+  ds = dataset.load(data_dir, "validation", batch_size, training=False,
+                    cache=True)
+  assert labels_of(ds) == uncached
+  for path in dataset.info(data_dir).splits["validation"].files:
+    os.remove(path)  # a reader that re-reads the files fails from here on
+  assert labels_of(ds) == uncached
 
 
 # --- training order ----------------------------------------------------------
@@ -340,6 +345,23 @@ def test_incomplete_dirs_and_bad_arguments_fail_with_the_path(tmp_path,
   os.remove(dataset.info(missing_dir).splits["train"].files[0])
   with pytest.raises(FileNotFoundError, match="missing 1 of 2 shards"):
     dataset.load(missing_dir, "train", 4, training=True)
+
+
+def test_a_shard_that_vanishes_after_load_fails_naming_it(tmp_path):
+  data_dir = write_numbered(tmp_path, 20, 2)
+  ds = dataset.load(data_dir, "validation", 4, training=False)
+  assert len(labels_of(ds)) == 20
+  vanished = dataset.info(data_dir).splits["validation"].files[1]
+  os.remove(vanished)  # e.g. the converter re-run into the same dir
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=os.path.basename(vanished) + ": read 0 records"):
+    labels_of(ds)
+
+
+def test_glob_characters_in_paths_are_taken_literally(tmp_path):
+  data_dir = write_numbered(tmp_path / "odd [name]*?", 20, 2)
+  ds = dataset.load(data_dir, "validation", 4, training=False)
+  assert sorted(labels_of(ds)) == list(range(20))
 
 
 @pytest.mark.parametrize("actual_count", [3, 12])
