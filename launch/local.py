@@ -16,6 +16,9 @@ restarts the whole group, which resumes from the latest checkpoint:
   --max_restarts (capped by --max_preemptions so a loop cannot spin forever);
 - exit 1 (a user error): no restart, it would fail the same way;
 - anything else, SIGKILL included: restart while --max_restarts allows.
+Stopping is SIGTERM (trainers checkpoint and exit 42), then SIGKILL after
+--grace_seconds; after a crash only --crash_grace_seconds, as MWMS survivors
+of a dead peer wait in a collective and cannot checkpoint anyway.
 The launcher exits with the first failing worker's code (128+N for signal N,
 130 for Ctrl-C), and leaves no worker process or bound port behind.
 """
