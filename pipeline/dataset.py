@@ -241,8 +241,8 @@ def _options(deterministic: bool) -> tf.data.Options:
   # We shard ourselves (per InputContext); tf.distribute must not re-shard.
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF)
-  # One thread per op call: parallelism comes from the parallel maps, and
-  # intra-op threads only fight them for the cores.
+  # One thread per op call, parallelism from the parallel maps (the tf.data
+  # guide's advice; neutral on the 2-core bench machine, kept for big hosts).
   options.threading.max_intra_op_parallelism = 1
   return options
 
@@ -332,56 +332,60 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
                      f"pipeline {input_context.input_pipeline_id} of "
                      f"{input_context.num_input_pipelines}")
 
-  def read(files, counts):
-    shards = tf.data.Dataset.from_tensor_slices((files, counts))
-    return shards.flat_map(
-        lambda path, count: _read_shard(path, count, compression))
-
   parse = _parse_batch(schema, image_size)
   if training:
     ds = _training_stream(share, compression, parse,
                           batch_size=batch_size, seed=seed,
                           start_step=start_step,
-                          examples_per_step=batch_size * replicas_per_pipeline,
-                          cache=cache, shuffle_buffer_size=shuffle_buffer_size)
-    if augment:
-      start_batch = start_step * replicas_per_pipeline
-      ds = ds.enumerate(start=start_batch)  # batch index keys augmentation
-      ds = ds.map(_augment(seed, input_context.input_pipeline_id),
-                  num_parallel_calls=AUTOTUNE)
+                          replicas_per_pipeline=replicas_per_pipeline,
+                          augment=augment, cache=cache,
+                          shuffle_buffer_size=shuffle_buffer_size)
   else:
-    ds = read(tf.constant(share.files), tf.constant(share.lengths, tf.int64))
-    if share.record_sharded:
-      ds = ds.shard(share.num_pipelines, share.pipeline_id)
-    ds = ds.batch(batch_size)  # the last partial batch is padded below
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
-    if cache:
-      ds = ds.cache()  # parsed, before padding; eval streams repeat exactly
-    ds = ds.map(_pad_to(batch_size))
     # Every pipeline yields the same number of batches, a multiple of the
     # replicas it feeds, so collectives never wait on a pipeline that ran out.
-    # (Appended, not cut with take(): the real batches must reach their end,
-    # or cache() never completes.)
     num_batches = replicas_per_pipeline * _eval_rounds(
         split_info, input_context, batch_size * replicas_per_pipeline)
-    ds = ds.concatenate(_padding_batches(
-        ds.element_spec, num_batches - math.ceil(share.num_examples /
-                                                 batch_size)))
+    ds = _evaluation_stream(share, compression, parse, batch_size=batch_size,
+                            num_batches=num_batches, cache=cache)
     deterministic = True
   ds = ds.with_options(_options(deterministic))
   return ds.prefetch(AUTOTUNE)
 
 
+def _evaluation_stream(share: _PipelineShare, compression, parse, *,
+                       batch_size: int, num_batches: int,
+                       cache: bool) -> tf.data.Dataset:
+  """This pipeline's examples once, in file order, as `num_batches` full
+  batches (inputs, labels, weights); weight 0 marks padding."""
+  shards = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(share.files), tf.constant(share.lengths, tf.int64)))
+  ds = shards.flat_map(
+      lambda path, count: _read_shard(path, count, compression))
+  if share.record_sharded:
+    ds = ds.shard(share.num_pipelines, share.pipeline_id)
+  ds = ds.batch(batch_size)  # the last partial batch is padded below
+  ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+  if cache:
+    ds = ds.cache()  # parsed, before padding
+  ds = ds.map(_pad_to(batch_size))
+  # Padding batches appended, not the stream cut with take(): the real
+  # batches must reach their end, or cache() never completes.
+  real_batches = math.ceil(share.num_examples / batch_size)
+  return ds.concatenate(_padding_batches(ds.element_spec,
+                                         num_batches - real_batches))
+
+
 def _training_stream(share: _PipelineShare, compression, parse, *,
                      batch_size: int, seed: int, start_step: int,
-                     examples_per_step: int, cache: bool,
+                     replicas_per_pipeline: int, augment: bool, cache: bool,
                      shuffle_buffer_size: int) -> tf.data.Dataset:
   """Endless batches (inputs, labels) of this pipeline, from `start_step`."""
   files = tf.constant(share.files)
   counts = tf.constant(share.lengths, tf.int64)
   epoch_size = share.num_examples
-  start_epoch, skip_in_epoch = divmod(start_step * examples_per_step,
-                                      epoch_size)
+  # Each global step took one batch per replica this pipeline feeds.
+  start_batch = start_step * replicas_per_pipeline
+  start_epoch, skip_in_epoch = divmod(start_batch * batch_size, epoch_size)
 
   def shard_records(order):
     shards = tf.data.Dataset.from_tensor_slices(
@@ -395,33 +399,35 @@ def _training_stream(share: _PipelineShare, compression, parse, *,
     return ds
 
   if cache:
+    # Parsed examples in memory, before augmentation; all of a pipeline's
+    # examples are there, so each epoch shuffles all of them.
     examples = shard_records(tf.range(len(share.files)))
     examples = examples.batch(batch_size)
     examples = examples.map(parse, num_parallel_calls=AUTOTUNE)
-    examples = examples.unbatch().cache()  # parsed, before augmentation
+    examples = examples.unbatch().cache()
 
-    def epoch_examples(epoch):
-      # All of the pipeline's examples fit in memory, so shuffle them all.
+    def epoch_stream(epoch):
       return examples.shuffle(epoch_size, seed=_shuffle_seed(seed, epoch))
+  else:
 
-    ds = tf.data.Dataset.range(start_epoch, tf.int64.max)
-    ds = ds.flat_map(epoch_examples)
-    ds = ds.skip(skip_in_epoch)  # resume inside an epoch
-    return ds.batch(batch_size, drop_remainder=True)
-
-  def epoch_records(epoch):
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(len(share.files)), seed=_epoch_seed(seed, epoch))
-    ds = shard_records(order)
-    return ds.shuffle(min(shuffle_buffer_size, epoch_size),
-                      seed=_shuffle_seed(seed, epoch))
+    def epoch_stream(epoch):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(len(share.files)), seed=_epoch_seed(seed, epoch))
+      return shard_records(order).shuffle(min(shuffle_buffer_size, epoch_size),
+                                          seed=_shuffle_seed(seed, epoch))
 
   ds = tf.data.Dataset.range(start_epoch, tf.int64.max)
-  ds = ds.flat_map(epoch_records)  # epoch by epoch, each from (seed, epoch)
-  ds = ds.skip(skip_in_epoch)  # resume: raw records, before any parsing
+  ds = ds.flat_map(epoch_stream)  # epoch by epoch, each from (seed, epoch)
+  ds = ds.skip(skip_in_epoch)  # resume: raw records (or cached), unparsed
   # drop_remainder: static batch shape (TPU); batches span epoch boundaries.
   ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.map(parse, num_parallel_calls=AUTOTUNE)
+  if not cache:
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
+  if augment:
+    ds = ds.enumerate(start=start_batch)  # the batch index keys augmentation
+    ds = ds.map(_augment(seed, share.pipeline_id),
+                num_parallel_calls=AUTOTUNE)
+  return ds
 
 
 def _shuffle_seed(seed: int, epoch):
