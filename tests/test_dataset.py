@@ -165,20 +165,22 @@ def test_training_pipelines_split_each_epoch_disjointly(request, directory,
 # --- exact resume ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_pipelines,replicas,start_step", [
-    (1, 1, 4),  # 4 steps x 16 = 64: inside epoch 2 (50 per epoch)
-    (1, 1, 7),
-    (1, 2, 3),  # one pipeline feeds 2 replicas: 2 batches per step
-    (2, 2, 3),  # pipelines of 33 and 17 examples: different epoch sizes
-    (2, 2, 10),
+@pytest.mark.parametrize("directory,num_pipelines,replicas,start_step", [
+    ("numbered_dir", 1, 1, 4),  # 4 steps x 16 = 64: inside epoch 2 of 50
+    ("numbered_dir", 1, 1, 7),
+    ("numbered_dir", 1, 2, 3),  # one pipeline feeds 2 replicas
+    ("numbered_dir", 2, 2, 3),  # pipelines of 33 and 17: unequal epochs
+    ("numbered_dir", 2, 2, 10),
+    ("one_shard_dir", 2, 2, 4),  # record sharding: 11 and 10 per epoch
 ])
 def test_resume_at_step_k_is_the_tail_of_an_uninterrupted_run(
-    numbered_dir, num_pipelines, replicas, start_step):
+    request, directory, num_pipelines, replicas, start_step):
+  data_dir = request.getfixturevalue(directory)
   global_batch = 16
   batches_per_step = replicas // num_pipelines
   for context in pipelines(num_pipelines, replicas):
     def load(step, context=context):
-      return dataset.load(numbered_dir, "train", global_batch, training=True,
+      return dataset.load(data_dir, "train", global_batch, training=True,
                           seed=7, start_step=step, input_context=context)
     full = labels_of(load(0), num_batches=(start_step + 3) * batches_per_step)
     resumed = labels_of(load(start_step), num_batches=3 * batches_per_step)
