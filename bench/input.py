@@ -14,6 +14,8 @@ shard format, then measures examples/s, side by side in one run, for:
   load()          pipeline.dataset.load(training=True), what the trainers use
   load(augment)   the same with random crop + flip
   load(eval)      load(training=False): in order, padded, repeated
+  load(cache)     load(cache=True): parsed examples kept in memory (the
+                  first run fills the cache; later runs read memory)
   in-memory       from_tensor_slices over the decoded arrays, shuffle, batch
 
 Each figure is the median over --repeats runs of --measure_batches batches
@@ -153,9 +155,9 @@ def batch_parse(info, batch_size):
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def reader(info, batch_size, augment=False):
+def reader(info, batch_size, augment=False, cache=False):
   return dataset.load(info.data_dir, "train", batch_size, training=True,
-                      augment=augment)
+                      augment=augment, cache=cache)
 
 
 def reader_evaluation(info, batch_size):
@@ -214,6 +216,7 @@ def main(argv):
       "load()": reader(info, batch_size),
       "load(augment)": reader(info, batch_size, augment=True),
       "load(eval)": reader_evaluation(info, batch_size),
+      "load(cache)": reader(info, batch_size, cache=True),
       "in-memory": in_memory(info, batch_size),
   }
   wall_rates = {name: [] for name in pipelines}

@@ -29,6 +29,12 @@ are at least as many files as pipelines, else every pipeline reads every file
 and keeps every num_pipelines-th record (logged as a warning: each pipeline
 then reads all the bytes).
 
+Shards are read with the compression the metadata names (None or GZIP).
+A shard that yields other than its listed record count (CRC mismatch,
+truncation, a file gone since) stops the stream with an error naming the file,
+unless skip_bad_records=True: then readable records are counted per file up
+front, losses logged per file, and the counts used for the resume arithmetic.
+
 Speed (bench/input.py measures it): records are batched before parsing
 (`parse_example` on a batch is several times cheaper than per record), images
 are decoded inside the batched map, maps run in parallel, prefetch is last.
