@@ -84,21 +84,27 @@ def test_eval_yields_every_example_once_in_file_order(numbered_dir,
     ("one_shard_dir", 2, 2),  # record sharding
     ("numbered_dir", 2, 4),  # each pipeline feeds 2 replicas
 ])
-def test_eval_pipelines_are_disjoint_cover_and_align(request, directory,
-                                                     num_pipelines, replicas):
+def test_eval_pipelines_are_disjoint_cover_and_align(request, caplog,
+                                                     directory, num_pipelines,
+                                                     replicas):
   data_dir = request.getfixturevalue(directory)
-  total = dataset.info(data_dir).splits["validation"].num_examples
+  split = dataset.info(data_dir).splits["validation"]
   seen, batch_counts = [], []
   for context in pipelines(num_pipelines, replicas):
-    ds = dataset.load(data_dir, "validation", 4 * replicas, training=False,
-                      input_context=context)
+    with caplog.at_level(logging.WARNING):
+      ds = dataset.load(data_dir, "validation", 4 * replicas, training=False,
+                        input_context=context)
     batches = list(ds.as_numpy_iterator())
     batch_counts.append(len(batches))
     for _, labels, weights in batches:
       assert labels.shape == (4,)
       seen += labels[weights == 1].astype(int).tolist()
-  assert sorted(seen) == list(range(total))
+  assert sorted(seen) == list(range(split.num_examples))
   assert len(set(batch_counts)) == 1  # collectives never wait on a pipeline
+  record_sharding_warnings = [
+      r for r in caplog.records if "keeps 1 record in" in r.getMessage()]
+  assert len(record_sharding_warnings) == (
+      num_pipelines if len(split.files) < num_pipelines else 0)
   assert batch_counts[0] % (replicas // num_pipelines) == 0
 
 
