@@ -59,10 +59,11 @@ DEMO_OUTPUT_DIR = os.path.join("data", "shapes")
 DEFAULT_SPLITS = (("train", 0.9), ("validation", 0.1))
 DEAD_LETTER_FILE = "dead_letter.jsonl"
 METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
-# Local parallelism pays only for big jobs: Beam's worker processes take
-# ~3.5 s to start (measured: 4.5 s vs 1.7 s for a trivial pipeline), so one
-# process per core wins only past ~7 s of single-process work on 2 cores.
-# Work is estimated from measured per-example costs (bench/convert.py).
+# Local parallelism pays only for big jobs on idle cores: Beam's worker
+# processes take ~3.5 s to start (measured: 4.5 s vs 1.7 s for a trivial
+# pipeline), so a process per core wins only past ~7 s of single-process
+# work with 2 free cores. Work is estimated from measured per-example costs
+# (bench/convert.py); cores busy with other jobs (load average) do not count.
 PARALLEL_MIN_WORK_SECONDS = 7.0
 SECONDS_PER_EXAMPLE = 35e-6  # bytes kept: read, check, encode, frame
 SECONDS_PER_REENCODED_EXAMPLE = 150e-6  # plus decode, resize, encode (32x32)
@@ -199,32 +200,35 @@ def parse_beam_options(beam_args: list):
 def choose_runner(options, beam_args: list, estimated_seconds: float):
   """The user's --runner, else a local FnApiRunner sized for the work.
 
-  Without --runner: one process per core when the single-process work is
-  estimated past PARALLEL_MIN_WORK_SECONDS, else in-process; the user's
+  Without --runner: one process per idle core when the single-process work
+  is estimated past PARALLEL_MIN_WORK_SECONDS, else in-process; the user's
   --direct_num_workers/--direct_running_mode win. Returns (runner or None
-  for Beam's own choice, options).
+  for Beam's own choice, options, a description for the log).
   """
   if options.view_as(pipeline_options.StandardOptions).runner is not None:
-    return None, options
+    return None, options, options.view_as(pipeline_options.StandardOptions).runner
   # The flags as typed: get_all_options(drop_default=True) would hide a
   # --direct_num_workers=1, which equals Beam's default.
   given = {arg.lstrip("-").split("=")[0] for arg in beam_args}
   direct = options.view_as(pipeline_options.DirectOptions)
-  cores = multiprocessing.cpu_count()
+  workers = idle_cores()
   if ("direct_num_workers" not in given and "direct_running_mode" not in given
-      and estimated_seconds >= PARALLEL_MIN_WORK_SECONDS and cores > 1):
-    direct.direct_num_workers = cores
+      and estimated_seconds >= PARALLEL_MIN_WORK_SECONDS and workers > 1):
+    direct.direct_num_workers = workers
     direct.direct_running_mode = "multi_processing"
-  return fn_api_runner.FnApiRunner(), options
+  mode = (f"{direct.direct_num_workers} {direct.direct_running_mode} workers"
+          if direct.direct_running_mode != "in_memory" else "in-process")
+  return fn_api_runner.FnApiRunner(), options, f"local FnApiRunner, {mode}"
 
 
 def run_beam(tasks: dict, listing, shard_config, beam_args: list) -> None:
   per_example = (SECONDS_PER_REENCODED_EXAMPLE
                  if shard_config.image_size or shard_config.image_format
                  else SECONDS_PER_EXAMPLE)
-  runner, options = choose_runner(parse_beam_options(beam_args), beam_args,
-                                  per_example * len(listing.items))
+  runner, options, description = choose_runner(
+      parse_beam_options(beam_args), beam_args, per_example * len(listing.items))
   task_paths = [path for paths in tasks.values() for path in paths]
+  print(f"writing {len(task_paths)} shards ({description})", flush=True)
   with beam.Pipeline(runner=runner, options=options) as pipeline:
     _ = (pipeline
          | "ShardTasks" >> beam.Create(task_paths)
@@ -261,48 +265,50 @@ def write_dead_letter(output_dir: str, rejected: list) -> str | None:
   return path
 
 
-def metadata_helper_main() -> None:
-  """The helper process: imports TFDS at once, then writes what stdin asks.
+def idle_cores() -> int:
+  """Cores not busy with other work (the 1-minute load average)."""
+  return round(multiprocessing.cpu_count() - os.getloadavg()[0])
 
-  The request is a pickle from the parent (our own process, trusted); the
-  answer on stdout is "ok" or the error.
-  """
-  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-  # TFDS imports TF lazily, hence the explicit import above: the point is
-  # to pay for both now, while the job runs.
-  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
-  request = sys.stdin.buffer.read()
-  if not request:  # the job failed; nothing to write
-    return
+
+# The helper process: imports TF and TFDS at once (TFDS alone would import TF
+# lazily, at the first write), then writes what the parent's pickle on stdin
+# asks (our own process: trusted) and answers "ok" or the error on stdout.
+_METADATA_HELPER = """
+import pickle, sys
+import tensorflow, tensorflow_datasets
+from pipeline import metadata
+request = sys.stdin.buffer.read()
+if request:  # empty: the job failed, nothing to write
   args, kwargs = pickle.loads(request)
   try:
     metadata.write(*args, **kwargs)
     print("ok")
-  except Exception as error:  # pylint: disable=broad-except
-    print(f"{type(error).__name__}: {error}".replace("\n", " "))
+  except Exception as error:
+    print(f"{type(error).__name__}: {error}".replace("\\n", " "))
+"""
 
 
 class MetadataWriter:
   """Calls metadata.write, from a helper process that imported TF meanwhile.
 
   metadata.write needs TFDS, and importing it (TensorFlow with it) takes
-  ~3.3 s, a third of a 100k-image conversion that needs TF nowhere else. The
-  helper imports it on another core while the job lists and converts. When
-  this process already has TFDS (tests, notebooks), it writes in-process.
-  A plain subprocess, not multiprocessing: spawn would re-run the caller's
-  main module.
+  ~3.3 s of CPU, a third of a 100k-image conversion that needs TF nowhere
+  else. With a core to spare, a helper imports it while the job lists and
+  converts; on a busy machine it would only slow the job down (measured), so
+  then, and when this process already has TFDS (tests, notebooks), the write
+  happens here. A plain subprocess: multiprocessing's spawn would re-run the
+  caller's main module.
   """
 
   def __init__(self):
     self._process = None
-    if "tensorflow_datasets" not in sys.modules:
+    if "tensorflow_datasets" not in sys.modules and idle_cores() >= 2:
       project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
           filter(None, [project_root, os.environ.get("PYTHONPATH")])))
       self._process = subprocess.Popen(
-          [sys.executable, "-c", "from pipeline import make_tfrecords; "
-           "make_tfrecords.metadata_helper_main()"],
-          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
+          [sys.executable, "-c", _METADATA_HELPER], stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE, env=environment)
 
   def write(self, *args, **kwargs) -> None:
     if self._process is None:
@@ -389,16 +395,17 @@ def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
                                   bytes_per_item=listing.num_bytes / len(listing.items))
   listing_rejected = [entry._replace(split=entry.split or shard_writer.assign_split(
       entry.key, splits)) for entry in listing.rejected]
-  print(f"listed {len(listing.items)} examples in "
-        f"{time.monotonic() - started:.1f} s; writing "
-        f"{sum(len(paths) for paths in tasks.values())} shards", flush=True)
+  print(f"listed and planned {len(listing.items)} examples in "
+        f"{time.monotonic() - started:.1f} s", flush=True)
 
   shard_config = shard_writer.ShardConfig(
       output_dir=config.output_dir, name=config.name, schema=listing.schema,
       compression=config.compression, image_size=config.image_size,
       image_format=config.image_format)
+  started = time.monotonic()
   run_beam(tasks, listing, shard_config, beam_args)
   results = shard_writer.read_results(config.output_dir, tasks)
+  print(f"wrote the shards in {time.monotonic() - started:.1f} s", flush=True)
 
   summaries, splits_metadata, rejected = summarize(tasks, results,
                                                     listing_rejected)
