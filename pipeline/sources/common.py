@@ -56,8 +56,8 @@ class Rejected(typing.NamedTuple):
 class Listing:
   """What the driver learns about a raw dataset before any Beam work.
 
-  schema: image shapes are provisional ((None, None, channels) or a resize
-    target) until the readers report what they saw.
+  schema: an image folder's shape and format are provisional until the
+    shards report what they saw (make_tfrecords.settle_schema).
   rejected: bad records found while listing (a file of the wrong size, a CSV
     row of the wrong width); they are counted like the readers' rejections.
   num_bytes: raw size, for the default shard count.
