@@ -15,7 +15,8 @@ from trainers import train_loop
 from trainers.config import UserError
 from trainers.models import cnn
 
-flags.DEFINE_list("filters", ["32", "64"], "Filters of each ConvBlock.")
+flags.DEFINE_list("filters", ["32", "64", "128"], "Filters of each "
+                  "ConvBlock; each halves the image size.")
 flags.DEFINE_integer("dense_units", 128, "Units of the dense layer.",
                      lower_bound=1)
 flags.DEFINE_string("image_size", None, "Resize images to HEIGHT,WIDTH (or "

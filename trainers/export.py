@@ -49,6 +49,9 @@ def export(model, schema, export_dir: str, image_size=None,
   is_regression = schema.class_names is None
   module = tf.Module()
   module.model = model
+  # The raw tf.Variables under Keras 3's variables, tracked explicitly: without
+  # this the TFLite converter freezes garbage (NaN outputs, TF 2.21).
+  module.model_variables = [variable.value for variable in model.variables]
   input_spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]),
                              model.inputs[0].dtype, name="inputs")
 

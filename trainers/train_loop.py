@@ -224,57 +224,150 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str,
   for index in range(len(paths) - 1, -1, -1):
     try:
       checkpoint.restore(paths[index]).assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as error:
-      first_line = str(error).strip().splitlines()[0] if str(error) else ""
-      logging.warning("checkpoint %s is unreadable (%s: %s); trying the one "
-                      "before it", paths[index], type(error).__name__,
-                      first_line[:200])
+    # Damage shows as OpError, IndexError (short read), ValueError or
+    # AssertionError (a different model): all mean "not this one".
+    except Exception as error:  # pylint: disable=broad-except
+      first_line = (str(error).strip().splitlines() or [""])[0][:200]
+      problem = f"{type(error).__name__}: {first_line}"
+      logging.warning("checkpoint %s is unreadable (%s); trying the one "
+                      "before it", paths[index], problem)
       continue
     if index < len(paths) - 1 and is_chief:
       tf.compat.v1.train.update_checkpoint_state(
           directory, paths[index], all_model_checkpoint_paths=paths[:index + 1])
     return paths[index]
   raise UserError(f"no readable checkpoint in {directory} (tried "
-                  f"{len(paths)}); move the directory away to start afresh")
+                  f"{len(paths)}, last: {problem}); different model flags? "
+                  "Move the directory away to start afresh")
+
+
+class Checkpoints:
+  """Saves to MODEL_DIR/checkpoints. Under MultiWorkerMirrored every worker
+  must take part in a save; non-chief workers write to a temporary dir of
+  their own and delete it (the chief's copy is the one that counts)."""
+
+  def __init__(self, checkpoint, model_dir: str, keep: int, chief: bool,
+               task_id: int):
+    self.directory = os.path.join(model_dir, "checkpoints")
+    self.chief = chief
+    self.write_dir = self.directory if chief else os.path.join(
+        model_dir, f"tmp_worker_{task_id}")
+    self.checkpoint = checkpoint
+    self.manager = tf.train.CheckpointManager(
+        checkpoint, self.write_dir, max_to_keep=keep, checkpoint_name="ckpt")
+    self.last_saved_step = None
+
+  def save(self, step: int) -> None:
+    self.manager.save(checkpoint_number=step)
+    self.last_saved_step = step
+    self.remove_worker_copy()
+
+  def remove_worker_copy(self) -> None:
+    if not self.chief and tf.io.gfile.exists(self.write_dir):
+      tf.io.gfile.rmtree(self.write_dir)
 
 
 class SigtermWatch:
-  """Single-process preemption: SIGTERM sets a flag the loop checks after each
-  host-loop call, then saves at that step and exits with code 42.
-
-  (PreemptionCheckpointHandler does this for MultiWorkerMirrored, where the
-  workers must agree on the step; on a TPU VM or a GCE CPU VM it does nothing,
-  so single-process runs, TPU included, use this.)
+  """Single-process preemption: SIGTERM sets a flag that the loop checks after
+  each host-loop call; it then saves at that step and raises Preempted (exit
+  code 42). PreemptionCheckpointHandler does nothing on a TPU VM or a GCE CPU
+  VM, so every single-process run, TPU included, uses this.
   """
 
-  def __init__(self, save):
-    self.save = save
+  def __init__(self, checkpoints: Checkpoints):
+    self.checkpoints = checkpoints
     self.received = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: self.received.set())
+    self.previous_handler = signal.signal(
+        signal.SIGTERM, lambda signum, frame: self.received.set())
 
   def check(self, step: int) -> None:
     if self.received.is_set():
-      self.save(step)
+      self.checkpoints.save(step)
       raise Preempted(f"SIGTERM: checkpoint saved at step {step}")
+
+  def close(self) -> None:
+    signal.signal(signal.SIGTERM, self.previous_handler)
 
 
 class MultiWorkerWatch:
-  """MultiWorkerMirrored preemption via PreemptionCheckpointHandler: a SIGTERM
-  on any worker makes every worker save at the same step, then exit 42."""
+  """MultiWorkerMirrored preemption: PreemptionCheckpointHandler makes every
+  worker save at the same step after a SIGTERM on any of them, then exit_fn
+  raises Preempted (exit code 42) on each."""
 
-  def __init__(self, strategy, manager, cleanup):
+  def __init__(self, strategy, checkpoints: Checkpoints):
 
     def exit_fn():
-      cleanup()
+      checkpoints.remove_worker_copy()
       raise Preempted("SIGTERM in the cluster: checkpoint saved")
 
     self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-        strategy.cluster_resolver, manager,
+        strategy.cluster_resolver, checkpoints.manager,
         termination_config=tf.distribute.experimental.TerminationConfig(
             exit_fn=exit_fn))
 
   def check(self, step: int) -> None:
     self.handler.save_checkpoint_if_preempted(checkpoint_number=step)
+
+  def close(self) -> None:
+    pass
+
+
+# --- progress ----------------------------------------------------------------
+
+# TensorBoard's scalar plugin tag. tf.summary.scalar needs the tensorboard
+# package, which TF 2.21 no longer installs; tf.summary.write with this
+# metadata writes the same event, and TensorBoard shows it.
+SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+def write_scalars(writer, step: int, values: dict) -> None:
+  with writer.as_default(step=step):
+    for name, value in values.items():
+      tf.summary.write(name, tf.constant(value, tf.float32),
+                       metadata=SCALAR_METADATA)
+
+
+def format_metrics(metrics: dict) -> str:
+  return "  ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """Sums the train metrics between log points; logs a progress line and
+  writes TensorBoard scalars when a `log_every` boundary is crossed."""
+
+  def __init__(self, config: TrainConfig, writer, is_regression: bool):
+    self.config, self.writer = config, writer
+    self.is_regression = is_regression
+    self.reset()
+
+  def reset(self):
+    self.sums, self.start = {}, time.perf_counter()
+
+  def add(self, previous_step: int, step: int, sums: dict, learning_rate):
+    for name, value in sums.items():
+      self.sums[name] = self.sums.get(name, 0.0) + float(value)
+    total = self.config.train_steps
+    if not (crossed(previous_step, step, self.config.log_every) or
+            step == total):
+      return
+    examples_per_second = self.sums["examples"] / max(
+        time.perf_counter() - self.start, 1e-9)
+    eta = (total - step) * self.config.batch_size / max(examples_per_second,
+                                                        1e-9)
+    metrics = metrics_from_sums(self.sums, self.is_regression)
+    logging.info("step %d/%d  %s  %.0f examples/s  ETA %s", step, total,
+                 format_metrics(metrics), examples_per_second,
+                 format_seconds(eta))
+    write_scalars(self.writer, step, {
+        **metrics, "learning_rate": float(tf.convert_to_tensor(learning_rate)),
+        "examples_per_second": examples_per_second})
+    self.reset()
 
 
 # --- the loop ----------------------------------------------------------------
@@ -294,28 +387,19 @@ def next_stop(step: int, config: TrainConfig) -> int:
   return stop
 
 
-def format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def write_json(path: str, values: dict) -> None:
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
-# TensorBoard's scalar plugin tag. tf.summary.scalar needs the tensorboard
-# package, which TF 2.21 no longer installs; tf.summary.write with this
-# metadata writes the same event, and TensorBoard shows it.
-SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-
-
-def write_scalars(writer, step: int, values: dict) -> None:
-  with writer.as_default(step=step):
-    for name, value in values.items():
-      tf.summary.write(name, tf.constant(value, tf.float32),
-                       metadata=SCALAR_METADATA)
+def set_seeds(seed: int, deterministic: bool) -> None:
+  keras.utils.set_random_seed(seed)  # weights init
+  # Unset TF's global seed again: the input order is then a function of the
+  # reader's (seed, epoch) alone, and TF 2.21 fails on a global seed of 0 with
+  # Dataset.shuffle(seed=<tensor>) inside the reader's flat_map.
+  tf.random.set_seed(None)
+  if deterministic:
+    tf.config.experimental.enable_op_determinism()
 
 
 def train_and_evaluate(config: TrainConfig, build_model: Callable,
@@ -334,21 +418,13 @@ def train_and_evaluate(config: TrainConfig, build_model: Callable,
   strategy = strategy or strategy_lib.make_strategy(
       config.strategy, config.tpu, config.tpu_timeout, config.num_cpu_devices)
   replicas = strategy.num_replicas_in_sync
-  logging.info("strategy %s with %d replicas", type(strategy).__name__,
-               replicas)
-  source = source or reader_source(config)
-  schema = source.schema
-  is_regression = schema.class_names is None
+  logging.info("strategy %s, %d replicas", type(strategy).__name__, replicas)
   if config.batch_size % replicas:
     raise UserError(f"--batch_size={config.batch_size} is not divisible by "
                     f"the {replicas} replicas of the strategy")
-  keras.utils.set_random_seed(config.seed)  # weights init
-  # Unset TF's global seed again: the input order is then a function of the
-  # reader's (seed, epoch) alone, and TF 2.21 fails on a global seed of 0 with
-  # Dataset.shuffle(seed=<tensor>) inside the reader's flat_map.
-  tf.random.set_seed(None)
-  if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
+  source = source or reader_source(config)
+  is_regression = source.schema.class_names is None
+  set_seeds(config.seed, config.deterministic)
   chief = strategy_lib.is_chief(strategy)
   tf.io.gfile.makedirs(config.model_dir)
   if chief:
@@ -356,121 +432,80 @@ def train_and_evaluate(config: TrainConfig, build_model: Callable,
                dataclasses.asdict(config))
 
   with strategy.scope():
-    model = build_model(schema, config.mixed_precision)
+    model = build_model(source.schema, config.mixed_precision)
     optimizer = make_optimizer(config)
-    optimizer.build(model.trainable_variables)
-    step_variable = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                name="step")
+    optimizer.build(model.trainable_variables)  # slots exist before restore
+    step_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    step=step_variable)
-  checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-  restored = restore_latest(checkpoint, checkpoint_dir, chief)
-  start_step = int(step_variable.numpy())
+  checkpoints = Checkpoints(checkpoint, config.model_dir,
+                            config.keep_checkpoints, chief,
+                            strategy_lib.task_id(strategy))
+  restored = restore_latest(checkpoint, checkpoints.directory, chief)
+  step = int(step_variable.numpy())
   if restored:
-    logging.info("restored %s: continuing at step %d", restored, start_step)
-
-  # Every MWMS worker must take part in a save; only the chief's is kept.
-  write_dir = checkpoint_dir if chief else os.path.join(
-      config.model_dir, f"tmp_worker_{strategy_lib.task_id(strategy)}")
-  manager = tf.train.CheckpointManager(checkpoint, write_dir,
-                                       max_to_keep=config.keep_checkpoints,
-                                       checkpoint_name="ckpt")
-
-  def remove_worker_copy():
-    if not chief and tf.io.gfile.exists(write_dir):
-      tf.io.gfile.rmtree(write_dir)
-
-  def save(step):
-    manager.save(checkpoint_number=step)
-    remove_worker_copy()
-
-  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    preemption = MultiWorkerWatch(strategy, manager, remove_worker_copy)
-  else:
-    preemption = SigtermWatch(save)
-
+    checkpoints.last_saved_step = step
+    logging.info("restored %s: continuing at step %d", restored, step)
+  # Resume: the reader skips the `step` global batches already trained on.
+  start_step = step
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda input_context: source.train(input_context, start_step)))
+  eval_dataset = source.evaluate and strategy.distribute_datasets_from_function(
+      source.evaluate)
   train_steps = make_train_function(strategy, model, optimizer, is_regression,
                                     config.batch_size, config.jit_compile)
   evaluate = make_eval_function(strategy, model, is_regression)
-  # Resume: the reader skips the `start_step` batches already trained on.
-  train_dataset = strategy.distribute_datasets_from_function(
-      lambda context: source.train(context, start_step))
-  eval_dataset = source.evaluate and strategy.distribute_datasets_from_function(
-      source.evaluate)
-  if chief:
-    train_writer = tf.summary.create_file_writer(
-        os.path.join(config.model_dir, "train"))
-    eval_writer = tf.summary.create_file_writer(
-        os.path.join(config.model_dir, "eval"))
-  else:
-    train_writer = eval_writer = tf.summary.create_noop_writer()
+  writers = {name: tf.summary.create_file_writer(
+      os.path.join(config.model_dir, name)) if chief else
+             tf.summary.create_noop_writer() for name in ("train", "eval")}
+  progress = Progress(config, writers["train"], is_regression)
 
-  def run_eval(step) -> dict:
+  def run_eval() -> dict:
     if eval_dataset is None:
       return {}
     sums = evaluate(eval_dataset)
     metrics = metrics_from_sums(sums, is_regression)
     metrics["examples"] = int(round(float(sums["examples"])))
-    logging.info("eval %s at step %d: %s", source.eval_split, step,
-                 "  ".join(f"{name} {value:.4g}"
-                           for name, value in metrics.items()))
-    write_scalars(eval_writer, step, metrics)
+    logging.info("eval on %s at step %d: %s", source.eval_split, step,
+                 format_metrics(metrics))
+    write_scalars(writers["eval"], step, metrics)
     return metrics
 
-  iterator = iter(train_dataset)
-  step = start_step
-  last_saved = start_step if restored else -1
-  window_sums, window_start, window_step = None, time.perf_counter(), step
-  eval_metrics = {}
-  while step < config.train_steps:
-    stop = next_stop(step, config)
-    sums = train_steps(iterator, tf.constant(stop - step))
-    sums = {name: float(value) for name, value in sums.items()}
-    previous_step, step = step, stop
-    step_variable.assign(step)
-    window_sums = sums if window_sums is None else {
-        name: window_sums[name] + sums[name] for name in sums}
-    if crossed(previous_step, step, config.log_every) or \
-        step == config.train_steps:
-      elapsed = time.perf_counter() - window_start
-      examples_per_second = window_sums["examples"] / max(elapsed, 1e-9)
-      seconds_left = ((config.train_steps - step) * config.batch_size /
-                      max(examples_per_second, 1e-9))
-      metrics = metrics_from_sums(window_sums, is_regression)
-      logging.info("step %d/%d  %s  %.0f examples/s  ETA %s", step,
-                   config.train_steps,
-                   "  ".join(f"{name} {value:.4f}"
-                             for name, value in metrics.items()),
-                   examples_per_second, format_seconds(seconds_left))
-      write_scalars(train_writer, step, {
-          **metrics,
-          "learning_rate": float(tf.convert_to_tensor(optimizer.learning_rate)),
-          "examples_per_second": examples_per_second})
-      window_sums, window_start = None, time.perf_counter()
-    if crossed(previous_step, step, config.checkpoint_every):
-      save(step)
-      last_saved = step
-    if crossed(previous_step, step, config.eval_every) and \
-        step < config.train_steps:
-      eval_metrics = run_eval(step)
-    preemption.check(step)
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    preemption = MultiWorkerWatch(strategy, checkpoints)
+  else:
+    preemption = SigtermWatch(checkpoints)
+  try:
+    while step < config.train_steps:
+      stop = next_stop(step, config)
+      sums = train_steps(iterator, tf.constant(stop - step))
+      previous_step, step = step, stop
+      step_variable.assign(step)
+      progress.add(previous_step, step, sums, optimizer.learning_rate)
+      if crossed(previous_step, step, config.checkpoint_every):
+        checkpoints.save(step)
+      if crossed(previous_step, step, config.eval_every) and \
+          step < config.train_steps:
+        run_eval()
+      preemption.check(step)
+    if checkpoints.last_saved_step != step:
+      checkpoints.save(step)
+  finally:
+    preemption.close()
 
-  if last_saved != step:
-    save(step)
-  eval_metrics = run_eval(step)
-  final = {"step": step, **eval_metrics}
+  final = {"step": step, **run_eval()}
   if source.eval_split:
     final["split"] = source.eval_split
   if chief:
     write_json(os.path.join(config.model_dir, "metrics.json"), final)
-    train_writer.flush()
-    eval_writer.flush()
-    if config.export:
-      export_model = build_model(schema, None)  # float32, outside the strategy
-      export_model.set_weights(model.get_weights())
-      export_lib.export(export_model, schema, os.path.join(
-          config.model_dir, "export"), image_size=config.image_size,
-                        tflite=config.export_tflite,
-                        quantization=config.tflite_quantization)
+    for writer in writers.values():
+      writer.flush()
+  if chief and config.export:
+    export_model = build_model(source.schema, None)  # float32, no strategy
+    export_model.set_weights(model.get_weights())
+    export_lib.export(export_model, source.schema,
+                      os.path.join(config.model_dir, "export"),
+                      image_size=config.image_size, tflite=config.export_tflite,
+                      quantization=config.tflite_quantization)
   logging.info("done at step %d: %s", step, json.dumps(final))
   return final
