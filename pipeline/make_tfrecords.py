@@ -170,13 +170,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
   still looks like a finished dataset.
   """
   existing = _our_files(output_dir)
-  holds_dataset = any(".tfrecord-" in posixpath.basename(path) or
-                      posixpath.basename(path) in METADATA_FILES
-                      for path in existing
-                      if shard_writer.STAGING_DIR not in path)
-  if holds_dataset and not overwrite:
+  names = {posixpath.basename(path) for path in existing
+           if shard_writer.STAGING_DIR not in path}
+  if names & set(METADATA_FILES) and not overwrite:
     raise UserError(f"{output_dir} already holds a dataset; pass --overwrite "
                     "to replace it, or choose another --output_dir")
+  if any(".tfrecord-" in name for name in names) and not overwrite:
+    raise UserError(f"{output_dir} holds shards of a conversion that did not "
+                    "finish; pass --overwrite to replace them")
   existing.sort(key=lambda path: posixpath.basename(path) not in METADATA_FILES)
   if existing:
     FileSystems.delete(existing)

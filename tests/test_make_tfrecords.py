@@ -158,11 +158,28 @@ def test_a_run_that_dies_midway_leaves_no_dataset(raw_images, tmp_path,
   with pytest.raises(Exception, match="worker killed"):
     make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
   assert not (tmp_path / "dataset_info.json").exists()
+  with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
+    metadata.read(str(tmp_path))
   monkeypatch.setattr(shard_writer, "tfrecord_frame", real_frame)
-  # The half-written dir is refused only if shards made it; --overwrite clears it.
+  # Shards finished before the failure are there, under their final names
+  # (the half-written one is not), so the dir is refused without --overwrite.
+  assert any(".tfrecord-" in name for name in os.listdir(tmp_path))
+  with pytest.raises(make_tfrecords.UserError, match="did not finish"):
+    make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
   make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4,
                                 overwrite=True))
   assert metadata.read(str(tmp_path)).splits["train"].num_examples > 0
+
+
+def test_splits_flag_on_data_with_its_own_splits_is_refused(tmp_path):
+  for split in ("train", "test"):
+    os.makedirs(tmp_path / "raw" / split / "cat")
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    (tmp_path / "raw" / split / "cat" / "0.png").write_bytes(buffer.getvalue())
+  with pytest.raises(make_tfrecords.UserError, match="has its own splits"):
+    make_tfrecords.convert(config(tmp_path / "raw", tmp_path / "out",
+                                  splits=(("train", 1.0),)))
 
 
 def test_existing_dataset_is_refused_then_replaced_with_overwrite(raw_images,
