@@ -190,6 +190,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
 
 def parse_beam_options(beam_args: list):
   """Beam's options as typed; UserError for a flag that neither we nor Beam know."""
+  for previous, arg in zip([""] + beam_args, beam_args):
+    # A bare word is fine only as the value of "--flag value".
+    if not arg.startswith("-") and not (previous.startswith("-") and
+                                        "=" not in previous):
+      raise UserError(f"unexpected argument {arg!r}")
   options = pipeline_options.PipelineOptions(beam_args)
   known = options.get_all_options()
   unknown = set(options.get_all_options(retain_unknown_options=True)) - set(known)
@@ -540,7 +545,8 @@ def config_from_flags() -> ConvertConfig:
     raise UserError("--output_dir is required with --input")
   if source is None:
     if not _exists(input_path):
-      raise UserError(f"{input_path}: no such file or directory")
+      raise UserError(f"{input_path}: no such file or directory (a TFDS "
+                      "dataset name needs --source=tfds)")
     source = detect_source(input_path)
   name = _NAME.value or re.sub(r"\W+", "_", posixpath.basename(
       output_dir.rstrip("/"))).strip("_").lower()
