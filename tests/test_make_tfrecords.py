@@ -269,3 +269,21 @@ def test_metadata_helper_process_writes_the_metadata(raw_images, tmp_path,
   info = metadata.read(str(tmp_path))
   assert sum(split.num_examples for split in info.splits.values()) == 60
   assert info.schema.class_names == ("ant", "bee", "cow")
+
+
+@pytest.mark.parametrize("beam_args,work_seconds,idle,expected", [
+    ([], 1.0, 2, ("in_memory", 1)),  # small: worker start-up would dominate
+    ([], 60.0, 2, ("multi_processing", 2)),
+    ([], 60.0, 1, ("in_memory", 1)),  # the other core is busy
+    (["--direct_num_workers=1"], 60.0, 2, ("in_memory", 1)),  # the user's say
+])
+def test_local_runner_is_parallel_only_for_big_work_on_idle_cores(
+    beam_args, work_seconds, idle, expected, monkeypatch):
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(make_tfrecords, "idle_cores", lambda: idle)
+  options = make_tfrecords.parse_beam_options(beam_args)
+  runner, options, _ = make_tfrecords.choose_runner(options, beam_args,
+                                                    work_seconds)
+  assert type(runner).__name__ == "FnApiRunner"  # never Prism: it downloads
+  direct = options.view_as(pipeline_options.DirectOptions)
+  assert (direct.direct_running_mode, direct.direct_num_workers) == expected
