@@ -29,10 +29,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import pickle
 import posixpath
 import re
-import subprocess
 import sys
 import time
 
@@ -276,64 +274,6 @@ def idle_cores() -> int:
   return round(multiprocessing.cpu_count() - os.getloadavg()[0])
 
 
-# The helper process: imports TF and TFDS at once (TFDS alone would import TF
-# lazily, at the first write), then writes what the parent's pickle on stdin
-# asks (our own process: trusted) and answers "ok" or the error on stdout.
-_METADATA_HELPER = """
-import pickle, sys
-import tensorflow, tensorflow_datasets
-from pipeline import metadata
-request = sys.stdin.buffer.read()
-if request:  # empty: the job failed, nothing to write
-  args, kwargs = pickle.loads(request)
-  try:
-    metadata.write(*args, **kwargs)
-    print("ok")
-  except Exception as error:
-    print(f"{type(error).__name__}: {error}".replace("\\n", " "))
-"""
-
-
-class MetadataWriter:
-  """Calls metadata.write, from a helper process that imported TF meanwhile.
-
-  metadata.write needs TFDS, and importing it (TensorFlow with it) takes
-  ~3.3 s of CPU, a third of a 100k-image conversion that needs TF nowhere
-  else. With a core to spare, a helper imports it while the job lists and
-  converts; on a busy machine it would only slow the job down (measured), so
-  then, and when this process already has TFDS (tests, notebooks), the write
-  happens here. A plain subprocess: multiprocessing's spawn would re-run the
-  caller's main module.
-  """
-
-  def __init__(self):
-    self._process = None
-    if "tensorflow_datasets" not in sys.modules and idle_cores() >= 2:
-      project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-      environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
-          filter(None, [project_root, os.environ.get("PYTHONPATH")])))
-      self._process = subprocess.Popen(
-          [sys.executable, "-c", _METADATA_HELPER], stdin=subprocess.PIPE,
-          stdout=subprocess.PIPE, env=environment)
-
-  def write(self, *args, **kwargs) -> None:
-    if self._process is None:
-      metadata.write(*args, **kwargs)
-      return
-    answer, _ = self._process.communicate(pickle.dumps((args, kwargs)))
-    self._process = None
-    answer = answer.decode().strip().splitlines()
-    if answer != ["ok"]:
-      raise RuntimeError("writing the metadata failed: " +
-                         (answer[-1] if answer else "the helper died"))
-
-  def close(self) -> None:
-    """Stops an unused helper (the job failed before the metadata)."""
-    if self._process is not None:
-      self._process.communicate(b"")
-      self._process = None
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitSummary:
   name: str
@@ -352,11 +292,7 @@ def convert(config: ConvertConfig, beam_args: list = ()) -> list:
   """
   beam_args = list(beam_args)
   parse_beam_options(beam_args)  # a typo fails now, not after the listing
-  metadata_writer = MetadataWriter()
-  try:
-    return _convert(config, beam_args, metadata_writer)
-  finally:
-    metadata_writer.close()
+  return _convert(config, beam_args)
 
 
 def summarize(tasks: dict, results: dict, listing_rejected: list) -> tuple:
@@ -385,7 +321,7 @@ def summarize(tasks: dict, results: dict, listing_rejected: list) -> tuple:
   return summaries, splits_metadata, rejected
 
 
-def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
+def _convert(config: ConvertConfig, beam_args: list) -> list:
   started = time.monotonic()
   if config.source != "tfds" and not _exists(config.input):
     raise UserError(f"{config.input}: no such file or directory")
@@ -424,7 +360,7 @@ def _convert(config: ConvertConfig, beam_args: list, metadata_writer) -> list:
         f"{len(rejected)} of {num_written + len(rejected)} records were bad, "
         f"more than --max_bad_fraction={config.max_bad_fraction}; see "
         f"{dead_letter} (no metadata written: not a dataset)")
-  metadata_writer.write(
+  metadata.write(
       config.output_dir, settle_schema(listing.schema, results), splits_metadata,
       compression=config.compression,
       description=f"Converted from {config.input} ({config.source}).")

@@ -62,7 +62,12 @@ class Schema:
 # --- writing (no TensorFlow) -------------------------------------------------
 
 
+_SMALL_VARINTS = tuple(bytes((value,)) for value in range(128))
+
+
 def _varint(value: int) -> bytes:
+  if 0 <= value < 128:  # tags, short lengths, most labels: the common case
+    return _SMALL_VARINTS[value]
   if value < 0:
     value += 1 << 64  # int64 negatives are 10-byte two's complement varints
   out = bytearray()

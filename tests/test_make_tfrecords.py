@@ -253,24 +253,6 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
   assert not (tmp_path / "out" / "dataset_info.json").exists()
 
 
-def test_metadata_helper_process_writes_the_metadata(raw_images, tmp_path,
-                                                     monkeypatch):
-  """The CLI's path with a core to spare: a helper process imports TF and
-  writes the metadata, so in-process writing is made to fail here."""
-  monkeypatch.setattr(make_tfrecords, "idle_cores", lambda: 2)
-  monkeypatch.delitem(sys.modules, "tensorflow_datasets")
-
-  def write_in_process(*args, **kwargs):
-    raise AssertionError("metadata written in-process, not by the helper")
-
-  monkeypatch.setattr(metadata, "write", write_in_process)
-  make_tfrecords.convert(config(raw_images, tmp_path, num_shards=2))
-  monkeypatch.undo()
-  info = metadata.read(str(tmp_path))
-  assert sum(split.num_examples for split in info.splits.values()) == 60
-  assert info.schema.class_names == ("ant", "bee", "cow")
-
-
 @pytest.mark.parametrize("beam_args,work_seconds,idle,expected", [
     ([], 1.0, 2, ("in_memory", 1)),  # small: worker start-up would dominate
     ([], 60.0, 2, ("multi_processing", 2)),
