@@ -272,6 +272,8 @@ def test_tensorboard_events_hold_the_scalars(default_run):
 @pytest.mark.parametrize("module, args, message", [
     ("cnn", ["--data_dir=D", "--model_dir=M", "--train_steps=-5"],
      "--train_steps"),
+    ("cnn", ["--data_dir=D", "--model_dir=M", "--warmup_steps=5"],
+     "--warmup_steps needs --lr_schedule=cosine"),
     ("cnn", ["--model_dir=M"], "--data_dir"),
     ("mlp", ["--data_dir={missing}", "--model_dir={tmp}"],
      "no dataset_info.json"),

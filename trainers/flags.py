@@ -72,6 +72,11 @@ flags.DEFINE_enum("tflite_quantization", "none", ["none", "dynamic", "float16"],
 flags.DEFINE_enum("preset", None, ["smoke"], "smoke: a few small steps, so the "
                   "whole path runs in seconds; explicit flags still win.")
 flags.mark_flags_as_required(["data_dir", "model_dir"])
+flags.register_multi_flags_validator(
+    ["lr_schedule", "warmup_steps"],
+    lambda values: values["warmup_steps"] == 0 or
+    values["lr_schedule"] == "cosine",
+    message="--warmup_steps needs --lr_schedule=cosine")
 
 FLAGS = flags.FLAGS
 

@@ -42,7 +42,8 @@ SUM = tf.distribute.ReduceOp.SUM
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
-  """Where the loop's batches come from (the reader, or tensors in a bench).
+  """Where the loop's batches come from: `reader_source` for the trainers;
+  anything with these two functions (e.g. tensors in memory) otherwise.
 
   train(input_context, start_step) -> endless (inputs, labels) batches of
     input_context.get_per_replica_batch_size(global batch), continuing after
