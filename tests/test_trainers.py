@@ -151,12 +151,25 @@ def test_linear_regression_fits(vector_dataset_dir, tmp_path):
                        train_steps=300, steps_per_loop=50,
                        checkpoint_every=0, learning_rate=0.1)
   metrics = train_loop.train_and_evaluate(
-      config, mlp_entry.make_model_builder(hidden_units=()))
+      config, mlp_entry.make_model_builder(hidden_units=(),
+                                           data_dir=vector_dataset_dir))
   assert set(metrics) >= {"loss", "mean_absolute_error",
                           "root_mean_squared_error"}
   assert metrics["root_mean_squared_error"] < 0.05, metrics
   with tf.io.gfile.GFile(os.path.join(tmp_path, "metrics.json")) as f:
     assert json.load(f)["step"] == 300
+
+
+def test_feature_moments_over_the_train_split(tmp_path):
+  from conftest import write_dataset  # pylint: disable=g-import-not-at-top
+  from pipeline import records  # pylint: disable=g-import-not-at-top
+  schema = records.Schema(kind="vector", shape=(2,))
+  rows = [("a", [1.0, 10.0], 0.0), ("b", [3.0, 30.0], 0.0),
+          ("c", [2.0, 20.0], 0.0)]
+  data_dir = write_dataset(tmp_path, schema, {"train": rows}, num_shards=2)
+  mean, variance = mlp_entry.feature_moments(data_dir)
+  np.testing.assert_allclose(mean, [2.0, 20.0], rtol=1e-6)
+  np.testing.assert_allclose(variance, [2 / 3, 200 / 3], rtol=1e-6)
 
 
 def test_corrupt_latest_checkpoint_falls_back(image_dataset_dir, tmp_path,

@@ -18,19 +18,44 @@ from trainers.models import mlp
 
 flags.DEFINE_list("hidden_units", ["64", "64"], "Units of each hidden layer; "
                   "empty for a linear model.")
+flags.DEFINE_bool("normalize", True, "Scale each feature by its train-split "
+                  "mean and variance (inside the model, so the export too).")
 FLAGS = flags.FLAGS
 
 
-def make_model_builder(hidden_units):
-  """-> build_model(schema, dtype) for the loop, checking the dataset fits."""
+def feature_moments(data_dir: str) -> tuple:
+  """(mean, variance) of each feature over the train split, one pass."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pipeline import dataset  # pylint: disable=g-import-not-at-top
+  total = total_squares = count = 0.0
+  for rows, _, weights in dataset.load(data_dir, "train", 1024,
+                                       training=False):
+    rows, weights = rows.numpy().astype(np.float64), weights.numpy()[:, None]
+    total = total + (rows * weights).sum(axis=0)
+    total_squares = total_squares + (rows * rows * weights).sum(axis=0)
+    count += float(weights.sum())
+  mean = total / max(count, 1.0)
+  return mean, np.maximum(total_squares / max(count, 1.0) - mean * mean, 0.0)
+
+
+def make_model_builder(hidden_units, data_dir=None):
+  """-> build_model(schema, dtype) for the loop, checking the dataset fits.
+
+  data_dir: normalise each feature with its train-split mean and variance
+  (computed on first build, inside the strategy the loop set up); None: raw.
+  """
+  moments = []
 
   def build_model(schema, dtype):
     if schema.kind != "vector":
       raise UserError("trainers.mlp needs a tabular dataset (kind=vector), "
                       f"got kind={schema.kind}")
+    if data_dir and not moments:
+      moments.extend(feature_moments(data_dir))
     num_outputs = 1 if schema.class_names is None else len(schema.class_names)
     return mlp.build_mlp(schema.shape[0], num_outputs,
-                         hidden_units=hidden_units, dtype=dtype)
+                         hidden_units=hidden_units, dtype=dtype,
+                         moments=tuple(moments) or None)
 
   return build_model
 
@@ -42,7 +67,8 @@ def main(argv):
   except ValueError as error:
     raise UserError(f"--hidden_units: {error}") from error
   config = trainer_flags.config_from_flags()
-  train_loop.train_and_evaluate(config, make_model_builder(hidden_units))
+  train_loop.train_and_evaluate(config, make_model_builder(
+      hidden_units, config.data_dir if FLAGS.normalize else None))
 
 
 if __name__ == "__main__":

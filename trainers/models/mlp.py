@@ -32,13 +32,19 @@ class DenseBlock(keras.layers.Layer):
 
 
 def build_mlp(num_features: int, num_outputs: int, hidden_units=(64, 64),
-              dtype=None) -> keras.Model:
+              dtype=None, moments=None) -> keras.Model:
   """float32 rows [B, num_features] -> float32 [B, num_outputs].
 
   num_outputs: the number of classes (logits), or 1 for regression.
+  moments: (mean, variance) per feature to standardise with, as the classic
+    tutorials' Normalization layer does; CSV columns come in any scale.
   """
   rows = keras.Input(shape=(num_features,), dtype="float32", name="features")
   features = rows
+  if moments is not None:
+    mean, variance = moments
+    features = keras.layers.Normalization(
+        mean=list(mean), variance=list(variance), name="normalize")(features)
   for index, units in enumerate(hidden_units):
     features = DenseBlock(units, dtype=dtype, name=f"block{index}")(features)
   outputs = keras.layers.Dense(num_outputs, dtype="float32",
