@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from pipeline import demo_data
-from pipeline import make_tfrecords
+from pipeline import convert
 from pipeline import metadata
 from pipeline import shard_writer
 
@@ -41,7 +41,7 @@ def raw_images(tmp_path_factory):
 
 def config(input_path, output_dir, **kwargs):
   kwargs.setdefault("source", "image_folder")
-  return make_tfrecords.ConvertConfig(
+  return convert.ConvertConfig(
       input=str(input_path), output_dir=str(output_dir), name="toy", **kwargs)
 
 
@@ -58,7 +58,7 @@ def run_cli(*args, cwd=REPO_ROOT):
 
 
 def test_tfds_reads_every_example_and_shards_are_shuffled(raw_images, tmp_path):
-  summaries = make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
+  summaries = convert.convert(config(raw_images, tmp_path, num_shards=4))
   assert sum(s.num_examples for s in summaries) == 60
   builder = tfds.builder_from_directory(str(tmp_path))
   ids = []
@@ -81,21 +81,21 @@ def test_same_input_gives_the_same_bytes_whatever_the_workers(raw_images,
                                                               tmp_path,
                                                               monkeypatch):
   monkeypatch.setenv("PYTHONPATH", REPO_ROOT)  # the worker processes import us
-  make_tfrecords.convert(config(raw_images, tmp_path / "one", num_shards=3),
+  convert.convert(config(raw_images, tmp_path / "one", num_shards=3),
                          ["--direct_num_workers=1"])
-  make_tfrecords.convert(
+  convert.convert(
       config(raw_images, tmp_path / "two", num_shards=3),
       ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
   one, two = shard_digests(tmp_path / "one"), shard_digests(tmp_path / "two")
   assert len(one) == 6 and one == two
-  make_tfrecords.convert(config(raw_images, tmp_path / "seed", num_shards=3,
+  convert.convert(config(raw_images, tmp_path / "seed", num_shards=3,
                                 seed=1))
   assert shard_digests(tmp_path / "seed") != one
 
 
 def test_gzip_shards_are_deterministic_and_read_by_tf_data(raw_images, tmp_path):
   for name in ("a", "b"):
-    make_tfrecords.convert(config(raw_images, tmp_path / name, num_shards=2,
+    convert.convert(config(raw_images, tmp_path / name, num_shards=2,
                                   compression="GZIP"))
   assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b")
   info = metadata.read(str(tmp_path / "a"))
@@ -108,13 +108,13 @@ def test_gzip_shards_are_deterministic_and_read_by_tf_data(raw_images, tmp_path)
 
 
 def test_more_data_never_moves_an_example_between_splits(raw_images, tmp_path):
-  make_tfrecords.convert(config(raw_images, tmp_path / "before"))
+  convert.convert(config(raw_images, tmp_path / "before"))
   bigger = tmp_path / "bigger"
   subprocess.run(["cp", "-r", str(raw_images), str(bigger)], check=True)
   for index in range(20, 40):
     (bigger / "ant" / f"{index:02d}.jpg").write_bytes(
         (raw_images / "ant" / "00.jpg").read_bytes())
-  make_tfrecords.convert(config(bigger, tmp_path / "after"))
+  convert.convert(config(bigger, tmp_path / "after"))
 
   def ids(output_dir, split):
     builder = tfds.builder_from_directory(str(output_dir))
@@ -131,13 +131,13 @@ def test_too_many_bad_records_fail_without_metadata(raw_images, tmp_path):
   subprocess.run(["cp", "-r", str(raw_images), str(bad)], check=True)
   for index in range(5):
     (bad / "cow" / f"{index:02d}.jpg").write_bytes(b"")
-  with pytest.raises(make_tfrecords.UserError, match="5 of 60 records were bad"):
-    make_tfrecords.convert(config(bad, tmp_path / "out", max_bad_fraction=0.05))
-  assert (tmp_path / "out" / make_tfrecords.DEAD_LETTER_FILE).exists()
+  with pytest.raises(convert.UserError, match="5 of 60 records were bad"):
+    convert.convert(config(bad, tmp_path / "out", max_bad_fraction=0.05))
+  assert (tmp_path / "out" / convert.DEAD_LETTER_FILE).exists()
   with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
     metadata.read(str(tmp_path / "out"))
   # Under the limit the same input converts, and the summary counts them.
-  summaries = make_tfrecords.convert(config(bad, tmp_path / "ok",
+  summaries = convert.convert(config(bad, tmp_path / "ok",
                                             max_bad_fraction=0.1))
   assert sum(s.num_rejected for s in summaries) == 5
   assert sum(s.num_examples for s in summaries) == 55
@@ -156,7 +156,7 @@ def test_a_run_that_dies_midway_leaves_no_dataset(raw_images, tmp_path,
 
   monkeypatch.setattr(shard_writer, "tfrecord_frame", frame_then_die)
   with pytest.raises(Exception, match="worker killed"):
-    make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
+    convert.convert(config(raw_images, tmp_path, num_shards=4))
   assert not (tmp_path / "dataset_info.json").exists()
   with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
     metadata.read(str(tmp_path))
@@ -164,9 +164,9 @@ def test_a_run_that_dies_midway_leaves_no_dataset(raw_images, tmp_path,
   # Shards finished before the failure are there, under their final names
   # (the half-written one is not), so the dir is refused without --overwrite.
   assert any(".tfrecord-" in name for name in os.listdir(tmp_path))
-  with pytest.raises(make_tfrecords.UserError, match="did not finish"):
-    make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
-  make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4,
+  with pytest.raises(convert.UserError, match="did not finish"):
+    convert.convert(config(raw_images, tmp_path, num_shards=4))
+  convert.convert(config(raw_images, tmp_path, num_shards=4,
                                 overwrite=True))
   assert metadata.read(str(tmp_path)).splits["train"].num_examples > 0
 
@@ -177,17 +177,17 @@ def test_splits_flag_on_data_with_its_own_splits_is_refused(tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     (tmp_path / "raw" / split / "cat" / "0.png").write_bytes(buffer.getvalue())
-  with pytest.raises(make_tfrecords.UserError, match="has its own splits"):
-    make_tfrecords.convert(config(tmp_path / "raw", tmp_path / "out",
+  with pytest.raises(convert.UserError, match="has its own splits"):
+    convert.convert(config(tmp_path / "raw", tmp_path / "out",
                                   splits=(("train", 1.0),)))
 
 
 def test_existing_dataset_is_refused_then_replaced_with_overwrite(raw_images,
                                                                   tmp_path):
-  make_tfrecords.convert(config(raw_images, tmp_path, num_shards=4))
-  with pytest.raises(make_tfrecords.UserError, match="already holds a dataset"):
-    make_tfrecords.convert(config(raw_images, tmp_path, num_shards=2))
-  make_tfrecords.convert(config(raw_images, tmp_path, num_shards=2,
+  convert.convert(config(raw_images, tmp_path, num_shards=4))
+  with pytest.raises(convert.UserError, match="already holds a dataset"):
+    convert.convert(config(raw_images, tmp_path, num_shards=2))
+  convert.convert(config(raw_images, tmp_path, num_shards=2,
                                 overwrite=True))
   shards = [n for n in os.listdir(tmp_path) if ".tfrecord-" in n]
   assert shards and all(n.endswith("-of-00002") for n in shards)
@@ -239,7 +239,7 @@ def test_demo_shapes_are_deterministic(tmp_path):
 def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
                                                   message):
   (tmp_path / "empty").mkdir()
-  make_tfrecords.convert(config(raw_images, tmp_path / "dataset", num_shards=1))
+  convert.convert(config(raw_images, tmp_path / "dataset", num_shards=1))
   paths = {"RAW": str(raw_images), "EMPTY": str(tmp_path / "empty"),
            "OUT": str(tmp_path / "out"), "DATASET": str(tmp_path / "dataset")}
   for placeholder, path in paths.items():
@@ -262,9 +262,9 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
 def test_local_runner_is_parallel_only_for_big_work_on_idle_cores(
     beam_args, work_seconds, idle, expected, monkeypatch):
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(make_tfrecords, "idle_cores", lambda: idle)
-  options = make_tfrecords.parse_beam_options(beam_args)
-  runner, options, _ = make_tfrecords.choose_runner(options, beam_args,
+  monkeypatch.setattr(convert, "idle_cores", lambda: idle)
+  options = convert.parse_beam_options(beam_args)
+  runner, options, _ = convert.choose_runner(options, beam_args,
                                                     work_seconds)
   assert type(runner).__name__ == "FnApiRunner"  # never Prism: it downloads
   direct = options.view_as(pipeline_options.DirectOptions)

@@ -18,17 +18,17 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pipeline import make_tfrecords
+from pipeline import convert as convert_lib
 from pipeline import shard_writer
 from pipeline.sources import common
 from pipeline.sources import image_folder
 
 
 def convert(input_path, output_dir, **kwargs):
-  config = make_tfrecords.ConvertConfig(
+  config = convert_lib.ConvertConfig(
       source=kwargs.pop("source"), input=str(input_path),
       output_dir=str(output_dir), name="toy", **kwargs)
-  return {s.name: s for s in make_tfrecords.convert(config)}
+  return {s.name: s for s in convert_lib.convert(config)}
 
 
 def read_back(output_dir, split, decode=True):
@@ -40,7 +40,7 @@ def read_back(output_dir, split, decode=True):
 
 
 def dead_letter(output_dir):
-  path = os.path.join(output_dir, make_tfrecords.DEAD_LETTER_FILE)
+  path = os.path.join(output_dir, convert_lib.DEAD_LETTER_FILE)
   with open(path) as f:
     return [json.loads(line) for line in f]
 
@@ -227,7 +227,7 @@ def test_mnist_idx_round_trip(tmp_path, compress):
             compress)
   write_idx(tmp_path / "raw", "t10k", test, np.arange(10, dtype=np.uint8),
             compress)
-  assert make_tfrecords.detect_source(str(tmp_path / "raw")) == "mnist_idx"
+  assert convert_lib.detect_source(str(tmp_path / "raw")) == "mnist_idx"
   summaries = convert(tmp_path / "raw", tmp_path / "out", source="mnist_idx",
                       num_shards=3)
   assert {k: v.num_examples for k, v in summaries.items()} == {"train": 30,
@@ -288,7 +288,7 @@ def test_cifar_binary_round_trip(tmp_path, cifar100):
     write_cifar_batch(raw / "test_batch.bin", images[8:], labels[8:])
     (raw / "batches.meta.txt").write_text(
         "\n".join(f"name{i}" for i in range(10)) + "\n\n")
-  assert make_tfrecords.detect_source(str(raw)) == "cifar_binary"
+  assert convert_lib.detect_source(str(raw)) == "cifar_binary"
   convert(raw, tmp_path / "out", source="cifar_binary", num_shards=2)
   builder = tfds.builder_from_directory(str(tmp_path / "out"))
   names = builder.info.features["label"].names
@@ -332,7 +332,7 @@ def test_csv_string_labels_become_sorted_class_names(tmp_path):
   rows = [[f"{i}.5", str(i), ["setosa", "virginica", "versicolor"][i % 3]]
           for i in range(30)]
   write_csv(tmp_path / "iris.csv", ["sepal", "petal", "species"], rows)
-  assert make_tfrecords.detect_source(str(tmp_path / "iris.csv")) == "csv"
+  assert convert_lib.detect_source(str(tmp_path / "iris.csv")) == "csv"
   convert(tmp_path / "iris.csv", tmp_path / "out", source="csv",
           label_column="species", splits=(("train", 1.0),))
   builder = tfds.builder_from_directory(str(tmp_path / "out"))
