@@ -12,7 +12,15 @@ import dataclasses
 
 
 class UserError(Exception):
-  """A bad input the user can fix; the entry points print it as one line."""
+  """A bad input the user can fix; the entry points print it as one line
+  and exit with code 1."""
+
+
+PREEMPTED_EXIT_CODE = 42  # WORKSPACE.md: SIGTERM -> saved, run again
+
+
+class Preempted(Exception):
+  """SIGTERM arrived and a checkpoint was saved at the current step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +54,3 @@ class TrainConfig:
   export: bool = True
   export_tflite: bool = False
   tflite_quantization: str = "none"  # none|dynamic|float16
-
-
-PREEMPTED_EXIT_CODE = 42  # WORKSPACE.md: SIGTERM -> saved, run again
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved at the current step."""

@@ -9,6 +9,7 @@ error printed as one line on stderr, no traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -112,8 +113,7 @@ def parse_image_size(text: str | None) -> tuple | None:
 
 def config_from_flags(**overrides) -> config_lib.TrainConfig:
   """The one place flags are read; entry points add their own via overrides."""
-  names = [field.name for field in
-           config_lib.TrainConfig.__dataclass_fields__.values()]
+  names = [field.name for field in dataclasses.fields(config_lib.TrainConfig)]
   values = {name: flag_value(name) for name in names if name in FLAGS}
   if values["mixed_precision"] == "none":
     values["mixed_precision"] = None

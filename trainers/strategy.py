@@ -57,12 +57,10 @@ def connect_tpu(tpu: str, timeout: float):
 
   def connect():
     try:
-      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-          tpu=tpu)
-      if tpu != "local":
-        tf.config.experimental_connect_to_cluster(resolver)
-      tf.tpu.experimental.initialize_tpu_system(resolver)
-      outcome["resolver"] = resolver
+      # Resolve (a name goes through the Cloud TPU API), connect (a no-op for
+      # "local"), initialise the TPU system.
+      outcome["resolver"] = (
+          tf.distribute.cluster_resolver.TPUClusterResolver.connect(tpu=tpu))
     except Exception as error:  # Resolver, gRPC and TPU init raise many types.
       outcome["error"] = error
 
@@ -72,7 +70,7 @@ def connect_tpu(tpu: str, timeout: float):
   if thread.is_alive():
     raise UserError(f"--tpu={tpu}: no answer within {timeout:.0f} s")
   if "error" in outcome:
-    first_line = str(outcome["error"]).strip().splitlines()[0]
+    first_line = (str(outcome["error"]).strip().splitlines() or [""])[0]
     raise UserError(f"--tpu={tpu}: {type(outcome['error']).__name__}: "
                     f"{first_line}")
   return outcome["resolver"]
