@@ -341,3 +341,15 @@ def test_cnn_learns_the_demo_shapes(tmp_path):
   metrics = read_metrics(tmp_path / "model")
   assert metrics["examples"] == 186  # the converter's validation split
   assert metrics["accuracy"] >= 0.9, metrics
+
+
+def test_a_crash_exits_3_with_its_traceback_so_launchers_retry_it():
+  """Exit 1 means "user error, retrying fails the same way"; a crash is not."""
+  result = subprocess.run(
+      [sys.executable, "-c",
+       "from trainers import flags\n"
+       "def main(argv):\n  raise RuntimeError('lost a peer')\n"
+       "flags.run(main)", "--data_dir=unused", "--model_dir=unused"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 3
+  assert "Traceback" in result.stderr and "lost a peer" in result.stderr

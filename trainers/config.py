@@ -17,6 +17,7 @@ class UserError(Exception):
 
 
 PREEMPTED_EXIT_CODE = 42  # WORKSPACE.md: SIGTERM -> saved, run again
+CRASH_EXIT_CODE = 3  # anything unexpected: launchers restart it
 
 
 class Preempted(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -145,5 +146,10 @@ def run(main) -> None:
     except config_lib.Preempted as preempted:
       sys.stderr.write(f"preempted: {preempted}\n")
       sys.exit(config_lib.PREEMPTED_EXIT_CODE)
+    except Exception:  # pylint: disable=broad-except
+      # A crash (a lost peer, a full disk): Python would exit 1, which means
+      # "user error, do not retry" to the launchers; this one is retryable.
+      traceback.print_exc()
+      sys.exit(config_lib.CRASH_EXIT_CODE)
 
   app.run(guarded_main, flags_parser=_parse_flags)
