@@ -206,3 +206,25 @@ def test_tflite_quantised_export_runs(quantization, tmp_path):
   output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
   expected = tf.nn.softmax(model(rows)).numpy()
   np.testing.assert_allclose(output, expected, atol=0.02)
+
+
+def test_small_train_splits_are_cached_unless_told(image_dataset_dir,
+                                                    monkeypatch):
+  from pipeline import dataset  # pylint: disable=g-import-not-at-top
+  from pipeline import records  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(dataset, "load", lambda *args, **kwargs: calls.append(
+      kwargs))
+  for cache, expected in [(None, True), (False, False), (True, True)]:
+    source = train_loop.reader_source(TrainConfig(
+        data_dir=image_dataset_dir, model_dir="unused", cache=cache))
+    source.train(None, 0)
+    assert calls[-1]["cache"] is expected
+  imagenet_like = records.Schema(kind="image", shape=(224, 224, 3),
+                                 class_names=("a", "b"))
+  assert train_loop.decoded_bytes(imagenet_like, 10_000) > \
+      train_loop.AUTO_CACHE_BYTES
+  varying = records.Schema(kind="image", shape=(None, None, 3),
+                           class_names=("a", "b"))
+  assert train_loop.decoded_bytes(varying, 10) == float("inf")
+  assert train_loop.decoded_bytes(varying, 10, (8, 8)) == 10 * 8 * 8 * 3

@@ -50,7 +50,7 @@ class TrainConfig:
   jit_compile: bool = False
   image_size: tuple | None = None  # (height, width) to resize images to
   augment: bool = False
-  cache: bool = False
+  cache: bool | None = None  # None: when the decoded train split is small
   skip_bad_records: bool = False
   export: bool = True
   export_tflite: bool = False

@@ -64,7 +64,9 @@ flags.DEFINE_enum("mixed_precision", "none",
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (slower "
                   "on CPU; TPUs always compile).")
 flags.DEFINE_bool("augment", False, "Reader's training augmentation.")
-flags.DEFINE_bool("cache", False, "Cache parsed examples in memory.")
+flags.DEFINE_bool("cache", None, "Keep decoded examples in memory after the "
+                  "first epoch; default: when the decoded train split takes "
+                  "at most 256 MiB.")
 flags.DEFINE_bool("skip_bad_records", False, "Skip corrupt records (counted "
                   "and logged) instead of stopping.")
 flags.DEFINE_bool("export", True, "Write MODEL_DIR/export/ at the end.")

@@ -57,6 +57,25 @@ class DataSource:
   eval_split: str | None = None
 
 
+# Decoding small images costs as much CPU as the CNN's step on 2 cores
+# (bench/train.py: streaming 0.85x in-memory, cached 1.00x); a split this
+# small is cached by default, as TFDS auto-caches small datasets.
+AUTO_CACHE_BYTES = 256 << 20
+
+
+def decoded_bytes(schema, num_examples: int, image_size=None) -> float:
+  """Memory the decoded split would take (uint8 pixels, float32 features);
+  infinite when image sizes vary and no resize fixes them."""
+  if schema.kind != "image":
+    return num_examples * 4.0 * schema.shape[0]
+  height, width, channels = schema.shape
+  if image_size:
+    height, width = image_size
+  if height is None or width is None:
+    return float("inf")
+  return float(num_examples) * height * width * channels
+
+
 def reader_source(config: TrainConfig) -> DataSource:
   """Training and held-out batches from `pipeline.dataset` for config.data_dir."""
   from pipeline import dataset  # pylint: disable=g-import-not-at-top
@@ -69,7 +88,11 @@ def reader_source(config: TrainConfig) -> DataSource:
                     f"(splits: {sorted(info.splits)})")
   eval_split = next((name for name in ("validation", "test")
                      if name in info.splits), None)
-  common = dict(image_size=config.image_size, cache=config.cache,
+  cache = config.cache
+  if cache is None:
+    cache = decoded_bytes(info.schema, info.splits["train"].num_examples,
+                          config.image_size) <= AUTO_CACHE_BYTES
+  common = dict(image_size=config.image_size, cache=cache,
                 skip_bad_records=config.skip_bad_records)
 
   def train(input_context, start_step):
