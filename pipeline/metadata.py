@@ -143,15 +143,16 @@ def read(data_dir: str) -> DatasetInfo:
     raise FileNotFoundError(
         f"{data_dir}: no {INFO_FILE}; not a dataset dir, or its conversion "
         "did not finish (metadata is written last)")
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)  # TFDS logs each load at INFO
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(logging.WARNING)  # TFDS logs each load at INFO
   try:
     builder = tfds.builder_from_directory(data_dir)
   except Exception as error:  # TFDS raises many types for a bad dir.
     raise ValueError(f"{data_dir}: unreadable dataset metadata: {error}") \
         from error
   finally:
-    logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)
   extra = {}
   extra_path = os.path.join(data_dir, EXTRA_FILE)
   if tf.io.gfile.exists(extra_path):
