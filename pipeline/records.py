@@ -21,6 +21,7 @@ parses what we encode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 
 IMAGE_KEY = "image"
@@ -78,8 +79,18 @@ def _varint(value: int) -> bytes:
   return bytes(out)
 
 
+# Tags of length-delimited fields 1, 2, 3 (field << 3 | wire type 2).
+_TAGS = {1: b"\x0a", 2: b"\x12", 3: b"\x1a"}
+
+
 def _length_delimited(field_number: int, payload: bytes) -> bytes:
-  return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+  return _TAGS[field_number] + _varint(len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_key(name: str) -> bytes:
+  """A feature map entry's key field; the same few names in every record."""
+  return _length_delimited(1, name.encode())
 
 
 def _feature(value) -> bytes:
@@ -106,7 +117,7 @@ def encode_example(features: dict) -> bytes:
   float32, bytes/str a BytesList.
   """
   entries = b"".join(
-      _length_delimited(1, _length_delimited(1, name.encode()) +
+      _length_delimited(1, _map_key(name) +
                         _length_delimited(2, _feature(features[name])))
       for name in sorted(features))
   return _length_delimited(1, entries)
