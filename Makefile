@@ -22,10 +22,10 @@ demo: $(VENV)/installed
 	# 1. Convert: writes the raw demo images, then shards + TFDS metadata.
 	$(PY) -m pipeline.make_tfrecords --overwrite
 	# 2. Train part of the way, and stop.
-	$(PY) -m trainers.cnn --data_dir=$(DEMO_DATA) --model_dir=$(DEMO_MODEL) --train_steps=300
+	$(PY) -m trainers.cnn --data_dir=$(DEMO_DATA) --model_dir=$(DEMO_MODEL) --augment --train_steps=300
 	# 3. Run again with more steps: resumes from the step-300 checkpoint,
 	#    evaluates, exports a SavedModel to $(DEMO_MODEL)/export.
-	$(PY) -m trainers.cnn --data_dir=$(DEMO_DATA) --model_dir=$(DEMO_MODEL) --train_steps=600
+	$(PY) -m trainers.cnn --data_dir=$(DEMO_DATA) --model_dir=$(DEMO_MODEL) --augment --train_steps=600
 	# 4. Serve: the export classifies raw tf.Example records, TF only.
 	$(PY) -m trainers.predict --export_dir=$(DEMO_MODEL)/export --data_dir=$(DEMO_DATA)
 
