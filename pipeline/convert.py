@@ -42,12 +42,13 @@ DEMO_OUTPUT_DIR = os.path.join("data", "shapes")
 DEFAULT_SPLITS = (("train", 0.9), ("validation", 0.1))
 DEAD_LETTER_FILE = "dead_letter.jsonl"
 METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
-# Local parallelism pays only for big jobs on idle cores: Beam's worker
-# processes take ~3.5 s to start (measured: 4.5 s vs 1.7 s for a trivial
-# pipeline), so a process per core wins only past ~7 s of single-process
-# work with 2 free cores. Work is estimated from measured per-example costs
-# (bench/convert.py); cores busy with other jobs (load average) do not count.
-PARALLEL_MIN_WORK_SECONDS = 7.0
+# Local parallelism pays only for big jobs: Beam's worker processes take
+# ~3 s to start (a trivial pipeline: 4.5 s vs 1.7 s in-process). Measured on
+# 2 cores at 100k 32x32 JPEGs (bench/convert.py), two workers vs in-process:
+# 0.96x vs 0.92x the plain loop with bytes kept (~3.5 s of estimated work),
+# 1.35x vs 0.96x with a resize (~15 s); at 10k, in-process wins (1.74x).
+# Work is estimated from measured per-example costs.
+PARALLEL_MIN_WORK_SECONDS = 3.0
 SECONDS_PER_EXAMPLE = 35e-6  # bytes kept: read, check, encode, frame
 SECONDS_PER_REENCODED_EXAMPLE = 150e-6  # plus decode, resize, encode (32x32)
 
@@ -189,8 +190,8 @@ def parse_beam_options(beam_args: list):
 def choose_runner(options, beam_args: list, estimated_seconds: float):
   """The user's --runner, else a local FnApiRunner sized for the work.
 
-  Without --runner: one process per idle core when the single-process work
-  is estimated past PARALLEL_MIN_WORK_SECONDS, else in-process; the user's
+  Without --runner: one process per core when the single-process work is
+  estimated past PARALLEL_MIN_WORK_SECONDS, else in-process; the user's
   --direct_num_workers/--direct_running_mode win. Returns (runner or None
   for Beam's own choice, options, a description for the log).
   """
@@ -200,7 +201,7 @@ def choose_runner(options, beam_args: list, estimated_seconds: float):
   # --direct_num_workers=1, which equals Beam's default.
   given = {arg.lstrip("-").split("=")[0] for arg in beam_args}
   direct = options.view_as(pipeline_options.DirectOptions)
-  workers = idle_cores()
+  workers = multiprocessing.cpu_count()
   if ("direct_num_workers" not in given and "direct_running_mode" not in given
       and estimated_seconds >= PARALLEL_MIN_WORK_SECONDS and workers > 1):
     direct.direct_num_workers = workers
@@ -252,11 +253,6 @@ def write_dead_letter(output_dir: str, rejected: list) -> str | None:
     for entry in rejected:
       stream.write((json.dumps(entry) + "\n").encode())
   return path
-
-
-def idle_cores() -> int:
-  """Cores not busy with other work (the 1-minute load average)."""
-  return round(multiprocessing.cpu_count() - os.getloadavg()[0])
 
 
 @dataclasses.dataclass(frozen=True)

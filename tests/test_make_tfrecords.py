@@ -253,16 +253,16 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
   assert not (tmp_path / "out" / "dataset_info.json").exists()
 
 
-@pytest.mark.parametrize("beam_args,work_seconds,idle,expected", [
+@pytest.mark.parametrize("beam_args,work_seconds,cores,expected", [
     ([], 1.0, 2, ("in_memory", 1)),  # small: worker start-up would dominate
     ([], 60.0, 2, ("multi_processing", 2)),
-    ([], 60.0, 1, ("in_memory", 1)),  # the other core is busy
+    ([], 60.0, 1, ("in_memory", 1)),  # one core: nothing to gain
     (["--direct_num_workers=1"], 60.0, 2, ("in_memory", 1)),  # the user's say
 ])
-def test_local_runner_is_parallel_only_for_big_work_on_idle_cores(
-    beam_args, work_seconds, idle, expected, monkeypatch):
+def test_local_runner_is_parallel_only_for_big_work(
+    beam_args, work_seconds, cores, expected, monkeypatch):
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(convert, "idle_cores", lambda: idle)
+  monkeypatch.setattr(convert.multiprocessing, "cpu_count", lambda: cores)
   options = convert.parse_beam_options(beam_args)
   runner, options, _ = convert.choose_runner(options, beam_args,
                                                     work_seconds)
