@@ -93,7 +93,7 @@ def parse_splits(text: str) -> tuple:
 def parse_image_size(text: str | None) -> tuple | None:
   if text is None:
     return None
-  match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+  match = re.fullmatch(r"(\d+)(?:[x,](\d+))?", text)
   if not match or int(match.group(1)) == 0 or match.group(2) == "0":
     raise UserError(f"--image_size={text}: expected SIZE or HEIGHTxWIDTH, e.g. "
                     "64 or 64x48")

@@ -19,7 +19,7 @@ flags.DEFINE_list("filters", ["32", "64", "128"], "Filters of each "
                   "ConvBlock; each halves the image size.")
 flags.DEFINE_integer("dense_units", 128, "Units of the dense layer.",
                      lower_bound=1)
-flags.DEFINE_string("image_size", None, "Resize images to HEIGHT,WIDTH (or "
+flags.DEFINE_string("image_size", None, "Resize images to HEIGHTxWIDTH (or "
                     "SIZE); required when the dataset's images differ in size.")
 FLAGS = flags.FLAGS
 
@@ -36,7 +36,7 @@ def make_model_builder(filters, dense_units, image_size):
       height, width = image_size
     if height is None or width is None:
       raise UserError("the dataset's images differ in size: pass "
-                      "--image_size=HEIGHT,WIDTH")
+                      "--image_size=HEIGHTxWIDTH")
     return cnn.build_cnn((height, width, channels), len(schema.class_names),
                          filters=filters, dense_units=dense_units, dtype=dtype)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import traceback
 
@@ -101,7 +102,7 @@ def parse_image_size(text: str | None) -> tuple | None:
   """'32' or '32,48' -> (32, 32) or (32, 48); None or '' -> None."""
   if not text:
     return None
-  parts = text.split(",")
+  parts = re.split(r"[x,]", text)  # 64,48 or 64x48, as the converter takes
   try:
     size = tuple(int(part) for part in parts)
   except ValueError:
@@ -110,7 +111,7 @@ def parse_image_size(text: str | None) -> tuple | None:
     size = size * 2
   if len(size) != 2 or min(size) < 1:
     raise config_lib.UserError(
-        f"--image_size={text}: expected HEIGHT,WIDTH or SIZE, positive ints")
+        f"--image_size={text}: expected SIZE or HEIGHTxWIDTH, positive ints")
   return size
 
 
