@@ -182,27 +182,6 @@ def _read_shard(path, expected_count, compression: str | None):
   return blocks.unbatch()
 
 
-def _parse_batch(schema: records.Schema, image_size):
-  """Serialized Examples [B] -> (inputs [B, ...], labels [B])."""
-  spec = records.parse_spec(schema)
-
-  def parse(serialized):
-    parsed = tf.io.parse_example(serialized, spec)
-    labels = parsed[records.LABEL_KEY]
-    if schema.kind != "image":
-      return parsed[records.FEATURES_KEY], labels
-    height, width, channels = schema.shape
-    if image_size is not None:
-      height, width = image_size
-    image_spec = tf.TensorSpec((height, width, channels), tf.uint8)
-    images = tf.map_fn(
-        lambda encoded: records.decode_image(encoded, schema, image_size),
-        parsed[records.IMAGE_KEY], fn_output_signature=image_spec)
-    return images, labels
-
-  return parse
-
-
 def _augment(seed: int, pipeline_id: int):
   """(batch index, (images, labels)) -> randomly cropped/flipped images.
 
@@ -338,7 +317,8 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
                      f"pipeline {input_context.input_pipeline_id} of "
                      f"{input_context.num_input_pipelines}")
 
-  parse = _parse_batch(schema, image_size)
+  def parse(serialized):
+    return records.parse_batch(serialized, schema, image_size)
   if training:
     ds = _training_stream(share, compression, parse,
                           batch_size=batch_size, seed=seed,

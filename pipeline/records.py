@@ -167,3 +167,30 @@ def decode_image(encoded, schema: Schema, image_size=None):
   if height is None or width is None:
     raise ValueError("images differ in size: pass image_size=(height, width)")
   return tf.ensure_shape(image, (height, width, channels))
+
+
+def parse_batch(serialized, schema: Schema, image_size=None,
+                with_label: bool = True):
+  """Serialized Examples [B] -> (inputs, labels), or inputs alone.
+
+  What the reader feeds the model and what the export's serving signature
+  computes, so training and serving see the same pixels. Images are parsed as
+  a batch (several times cheaper than per record) and decoded one by one
+  into uint8 [B, H, W, C]; vectors are float32 [B, n].
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  spec = parse_spec(schema)
+  if not with_label:  # examples sent for prediction need not have one
+    spec.pop(LABEL_KEY)
+  parsed = tf.io.parse_example(serialized, spec)
+  if schema.kind == "image":
+    height, width, channels = schema.shape
+    if image_size is not None:
+      height, width = image_size
+    inputs = tf.map_fn(
+        lambda encoded: decode_image(encoded, schema, image_size),
+        parsed[IMAGE_KEY],
+        fn_output_signature=tf.TensorSpec((height, width, channels), tf.uint8))
+  else:
+    inputs = parsed[FEATURES_KEY]
+  return (inputs, parsed[LABEL_KEY]) if with_label else inputs

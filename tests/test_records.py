@@ -91,3 +91,20 @@ def test_metadata_read_back(image_dataset_dir, vector_dataset_dir):
 def test_metadata_read_errors_name_the_path(tmp_path, image_dataset_dir):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     metadata.read(str(tmp_path))
+
+
+def test_parse_batch_is_the_same_eagerly_in_a_map_and_without_labels(
+    image_dataset_dir):
+  info = metadata.read(image_dataset_dir)
+  serialized = tf.constant(list(tf.data.TFRecordDataset(
+      info.splits["train"].files[0]).take(5).as_numpy_iterator()))
+  images, labels = records.parse_batch(serialized, info.schema)
+  mapped_images, mapped_labels = next(iter(
+      tf.data.Dataset.from_tensors(serialized).map(
+          lambda batch: records.parse_batch(batch, info.schema))))
+  np.testing.assert_array_equal(images, mapped_images)
+  np.testing.assert_array_equal(labels, mapped_labels)
+  assert images.shape == (5, 8, 8, 3) and images.dtype == tf.uint8
+  resized = records.parse_batch(serialized, info.schema, image_size=(4, 6),
+                                with_label=False)
+  assert resized.shape == (5, 4, 6, 3)

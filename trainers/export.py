@@ -7,10 +7,9 @@
       labels.txt                class names, line i = class id i
       model.tflite              with tflite=True: `predict` for TFLite
 
-`serving_default` parses with `pipeline.records.parse_spec` and decodes with
-`pipeline.records.decode_image`, the functions the reader uses, so training
-and serving see the same pixels. The label is dropped from the parse spec:
-examples sent for prediction need not have one. Loading the export needs only
+`serving_default` parses and decodes with `pipeline.records.parse_batch`, the
+function the reader uses, so training and serving see the same pixels,
+without the label: examples sent for prediction need not have one. Loading the export needs only
 TensorFlow: nothing from this project, no Keras custom objects.
 """
 
@@ -21,22 +20,6 @@ import os
 import tensorflow as tf
 
 from pipeline import records
-
-
-def parse_inputs(examples, schema, image_size=None):
-  """Serialised tf.Examples [N] -> the model's inputs, as the reader makes them."""
-  spec = records.parse_spec(schema)
-  spec.pop(records.LABEL_KEY)
-  features = tf.io.parse_example(examples, spec)
-  if schema.kind != "image":
-    return features[records.FEATURES_KEY]
-  height, width, channels = schema.shape
-  if image_size is not None:
-    height, width = image_size
-  return tf.map_fn(
-      lambda encoded: records.decode_image(encoded, schema, image_size),
-      features[records.IMAGE_KEY],
-      fn_output_signature=tf.TensorSpec((height, width, channels), tf.uint8))
 
 
 def export(model, schema, export_dir: str, image_size=None,
@@ -65,7 +48,8 @@ def export(model, schema, export_dir: str, image_size=None,
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name="examples")])
   def serve(examples):
-    return predict(parse_inputs(examples, schema, image_size))
+    return predict(records.parse_batch(examples, schema, image_size,
+                                       with_label=False))
 
   module.predict = predict
   module.serve = serve
