@@ -171,16 +171,19 @@ def read_results(output_dir: str, tasks: dict) -> dict:
 # --- writing (Beam worker) ---------------------------------------------------
 
 
-def _masked_crc(data: bytes) -> int:
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+
+
+def _masked_crc(data: bytes) -> bytes:
   crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  return _CRC.pack((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
 def tfrecord_frame(record: bytes) -> bytes:
   """One record in the TFRecord file format."""
-  length = struct.pack("<Q", len(record))
-  return b"".join((length, struct.pack("<I", _masked_crc(length)), record,
-                   struct.pack("<I", _masked_crc(record))))
+  length = _LENGTH.pack(len(record))
+  return b"".join((length, _masked_crc(length), record, _masked_crc(record)))
 
 
 def write_shard(task_path: str, reader, config: ShardConfig) -> dict:
@@ -199,30 +202,32 @@ def write_shard(task_path: str, reader, config: ShardConfig) -> dict:
   temporary_path = staging_path(config.output_dir, "tmp",
                                 f"{posixpath.basename(final_path)}.{uuid.uuid4().hex}")
   compression = "gzip" if config.compression == "GZIP" else "uncompressed"
-  rejected, image_sizes, image_channels, image_formats = [], set(), set(), set()
-  count = 0
+  rejected, sizes, kinds = [], set(), set()
+  reencode = config.image_size is not None or config.image_format is not None
+  last_image, count = None, 0
+  # The converter's inner loop: keep it lean (see WORKSPACE.md, Converter).
   with FileSystems.create(temporary_path, compression_type=compression) as out:
     for result in reader.read(items):
       if isinstance(result, common.Rejected):
         rejected.append([result.key, result.source, result.reason])
         continue
-      inputs, image = result.inputs, result.image
-      if image is not None and config.reencodes(image[3]):
+      key, inputs, label, image = result
+      if reencode and image is not None and config.reencodes(image[3]):
         try:
           inputs, image = common.reencode_image(
               inputs, config.image_size, config.image_format, image[3])
         except ValueError as error:
-          rejected.append([result.key, result.key, str(error)])
+          rejected.append([key, key, str(error)])
           continue
       out.write(tfrecord_frame(records.make_example(
-          config.schema, result.key, inputs, result.label)))
+          config.schema, key, inputs, label)))
       count += 1
-      if image is not None:
-        height, width, channels, image_format = image
-        if len(image_sizes) < 2:  # one size, or "they differ": enough
-          image_sizes.add((height, width))
-        image_channels.add(channels)
-        image_formats.add(image_format)
+      # Images of a shard mostly share a shape: look only at changes.
+      if image != last_image and image is not None:
+        last_image = image
+        kinds.add(image[2:])  # (channels, format)
+        if len(sizes) < 2:  # one size, or "they differ": enough
+          sizes.add(image[:2])
   FileSystems.rename([temporary_path], [final_path])
   # Counted once per shard: a counter update per example costs ~1 us.
   Metrics.counter(COUNTER_NAMESPACE, f"{split}_read").inc(count + len(rejected))
@@ -234,9 +239,9 @@ def write_shard(task_path: str, reader, config: ShardConfig) -> dict:
       "num_bytes": FileSystems.match([final_path])[0].metadata_list[0]
                    .size_in_bytes,
       "rejected": rejected,
-      "image_sizes": sorted(image_sizes),
-      "image_channels": sorted(image_channels),
-      "image_formats": sorted(image_formats),
+      "image_sizes": sorted(sizes),
+      "image_channels": sorted({channels for channels, _ in kinds}),
+      "image_formats": sorted({image_format for _, image_format in kinds}),
   }
   result_path = staging_path(config.output_dir, "results",
                              task_file_name(split, task["index"]))

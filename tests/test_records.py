@@ -31,6 +31,33 @@ def test_encode_example_parses_like_tf_train_example(features):
                                  np.float32(values), rtol=1e-7)
 
 
+@pytest.mark.parametrize("schema,inputs,label", [
+    (records.Schema("image", (8, 8, 3), ("a", "b")), b"\xff\xd8" * 900, 1),
+    (records.Schema("image", (8, 8, 3), tuple("abc")), b"png", 2),
+    (records.Schema("vector", (3,), ("a", "b")), [0.5, -1.0, 3.0], 0),
+    (records.Schema("vector", (2,)), (1e-3, 7.0), -2.5),
+])
+def test_make_example_is_tfs_own_deterministic_serialisation(schema, inputs,
+                                                              label):
+  key = "class/é" * 30  # a non-ASCII key over 127 bytes: two-byte varints
+  if schema.kind == "image":
+    input_feature = tf.train.Feature(bytes_list=tf.train.BytesList(
+        value=[inputs]))
+  else:
+    input_feature = tf.train.Feature(float_list=tf.train.FloatList(
+        value=inputs))
+  label_feature = (tf.train.Feature(float_list=tf.train.FloatList(
+      value=[label])) if schema.is_regression else
+                   tf.train.Feature(int64_list=tf.train.Int64List(
+                       value=[label])))
+  theirs = tf.train.Example(features=tf.train.Features(feature={
+      schema.input_key: input_feature, records.LABEL_KEY: label_feature,
+      records.ID_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[key.encode()]))}))
+  assert (records.make_example(schema, key, inputs, label) ==
+          theirs.SerializeToString(deterministic=True))
+
+
 def test_encode_example_is_deterministic_whatever_the_key_order():
   one = records.encode_example({"a": 1, "b": b"x"})
   two = records.encode_example({"b": b"x", "a": 1})
@@ -93,15 +120,18 @@ def test_metadata_read_errors_name_the_path(tmp_path, image_dataset_dir):
     metadata.read(str(tmp_path))
 
 
-def test_parse_batch_is_the_same_eagerly_in_a_map_and_without_labels(
+def test_parse_batch_is_the_same_static_dynamic_and_without_labels(
     image_dataset_dir):
   info = metadata.read(image_dataset_dir)
   serialized = tf.constant(list(tf.data.TFRecordDataset(
       info.splits["train"].files[0]).take(5).as_numpy_iterator()))
+  # A static batch decodes image by image, a dynamic one in a loop.
   images, labels = records.parse_batch(serialized, info.schema)
-  mapped_images, mapped_labels = next(iter(
-      tf.data.Dataset.from_tensors(serialized).map(
-          lambda batch: records.parse_batch(batch, info.schema))))
+  assert serialized.shape[0] is not None
+  dynamic = tf.data.Dataset.from_tensor_slices(serialized).batch(5)
+  assert dynamic.element_spec.shape[0] is None
+  mapped_images, mapped_labels = next(iter(dynamic.map(
+      lambda batch: records.parse_batch(batch, info.schema))))
   np.testing.assert_array_equal(images, mapped_images)
   np.testing.assert_array_equal(labels, mapped_labels)
   assert images.shape == (5, 8, 8, 3) and images.dtype == tf.uint8

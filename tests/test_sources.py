@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from pipeline import convert as convert_lib
+from pipeline import metadata
 from pipeline import shard_writer
 from pipeline.sources import common
 from pipeline.sources import image_folder
@@ -167,6 +168,29 @@ def test_image_folder_of_mixed_sizes_has_unknown_height_and_width(tmp_path):
   assert builder.info.features["image"].shape == (None, None, 3)
   shapes = {e["image"].shape for e in read_back(tmp_path / "out", "train")}
   assert shapes == {(8, 8, 3), (9, 7, 3)}
+
+
+def test_image_folder_keeps_large_files_whole_and_mixed_formats_apart(
+    tmp_path):
+  # A noise PNG of ~270 KB takes several read calls; the JPEG after it in
+  # the same shard differs in size, format and channels.
+  rng = np.random.default_rng(1)
+  (tmp_path / "raw" / "a").mkdir(parents=True)
+  big = encode(rng.integers(0, 255, (300, 300, 3), np.uint8), "PNG")
+  assert len(big) > 4 * image_folder._READ_BYTES
+  (tmp_path / "raw" / "a" / "big.png").write_bytes(big)
+  (tmp_path / "raw" / "a" / "small.jpg").write_bytes(
+      encode(rng.integers(0, 255, (8, 8), np.uint8), "JPEG"))
+  (tmp_path / "raw" / ".DS_Store").write_bytes(b"not a dataset file")
+  assert convert_lib.detect_source(str(tmp_path / "raw")) == "image_folder"
+  convert(tmp_path / "raw", tmp_path / "out", source="image_folder",
+          splits=(("train", 1.0),), num_shards=1)
+  by_key = {e["id"].decode(): e["image"]
+            for e in read_back(tmp_path / "out", "train", decode=False)}
+  assert by_key["a/big.png"] == big
+  assert by_key["a/small.jpg"] == (tmp_path / "raw/a/small.jpg").read_bytes()
+  schema = metadata.read(str(tmp_path / "out")).schema
+  assert schema.image_format is None and schema.shape == (None, None, 3)
 
 
 def test_image_size_resizes_and_reencodes(tmp_path):

@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import png_bytes  # pylint: disable=unused-import
 from pipeline import dataset
-from pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch_size=16", "--train_steps=24", "--steps_per_loop=4",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import posixpath
 import re
 import struct
 
@@ -32,6 +31,7 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> channels
 _PNG_END = b"IEND\xaeB`\x82"
 _TAIL_BYTES = 1024  # where end markers are looked for: some writers pad
 _SIZE_SAMPLE = 1000  # files stat-ed to estimate a local folder's size
+_READ_BYTES = 1 << 16  # per read call: most images fit in one
 
 
 def _jpeg_header(data: bytes) -> tuple:
@@ -89,27 +89,42 @@ def inspect_image(data: bytes) -> tuple:
     raise ValueError(f"not an image: {error}") from error
 
 
+def _read_local(path: str) -> bytes:
+  """A whole local file: os.open/os.read take ~4 us on a small file where
+  open().read() takes ~6 and FileSystems ~8 (it is the converter's biggest
+  per-example cost). Reads until end of file, so short reads lose nothing."""
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    chunks = [os.read(descriptor, _READ_BYTES)]
+    while chunks[-1]:
+      chunks.append(os.read(descriptor, _READ_BYTES))
+  finally:
+    os.close(descriptor)
+  return chunks[0] if len(chunks) == 2 else b"".join(chunks)
+
+
+def _read_remote(path: str) -> bytes:
+  with FileSystems.open(path, compression_type="uncompressed") as stream:
+    return stream.read()
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageFolderReader:
   """Reads and checks image files under `root`; keys are relative paths."""
   root: str
 
   def read(self, items):
-    local = "://" not in self.root
-    for item in items:
-      path = posixpath.join(self.root, item.location)
+    read_file = _read_remote if "://" in self.root else _read_local
+    prefix = self.root.rstrip("/") + "/"
+    for key, location, label, _ in items:
+      path = prefix + location
       try:
-        if local:  # FileSystems adds ~2 us to a ~9 us read of a small file
-          with open(path, "rb", buffering=0) as stream:
-            data = stream.read()
-        else:
-          with FileSystems.open(path, compression_type="uncompressed") as stream:
-            data = stream.read()
+        data = read_file(path)
         image = inspect_image(data)
       except (OSError, ValueError) as error:
-        yield common.Rejected(item.key, path, str(error))
+        yield common.Rejected(key, path, str(error))
         continue
-      yield common.Record(item.key, data, item.label, image)
+      yield common.Record(key, data, label, image)
 
 
 def _list_files(root: str) -> tuple:
