@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import posixpath
 import re
@@ -194,6 +193,14 @@ def parse_beam_options(beam_args: list):
   return options
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (taskset, cgroup cpusets), not the
+  machine's count."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def choose_runner(options, beam_args: list, estimated_seconds: float):
   """The user's --runner, else a local FnApiRunner sized for the work.
 
@@ -208,7 +215,7 @@ def choose_runner(options, beam_args: list, estimated_seconds: float):
   # --direct_num_workers=1, which equals Beam's default.
   given = {arg.lstrip("-").split("=")[0] for arg in beam_args}
   direct = options.view_as(pipeline_options.DirectOptions)
-  workers = multiprocessing.cpu_count()
+  workers = usable_cores()
   if ("direct_num_workers" not in given and "direct_running_mode" not in given
       and estimated_seconds >= PARALLEL_MIN_WORK_SECONDS and workers > 1):
     direct.direct_num_workers = workers

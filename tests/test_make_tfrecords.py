@@ -253,6 +253,16 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
   assert not (tmp_path / "out" / "dataset_info.json").exists()
 
 
+def test_usable_cores_follow_the_affinity_mask():
+  mask = os.sched_getaffinity(0)  # Linux, like every machine we run on
+  try:
+    os.sched_setaffinity(0, {min(mask)})  # what taskset -c does
+    assert convert.usable_cores() == 1
+  finally:
+    os.sched_setaffinity(0, mask)
+  assert convert.usable_cores() == len(mask)
+
+
 @pytest.mark.parametrize("beam_args,work_seconds,cores,expected", [
     ([], 1.0, 2, ("in_memory", 1)),  # small: worker start-up would dominate
     ([], 60.0, 2, ("multi_processing", 2)),
@@ -262,7 +272,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
 def test_local_runner_is_parallel_only_for_big_work(
     beam_args, work_seconds, cores, expected, monkeypatch):
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(convert.multiprocessing, "cpu_count", lambda: cores)
+  monkeypatch.setattr(convert, "usable_cores", lambda: cores)
   options = convert.parse_beam_options(beam_args)
   runner, options, _ = convert.choose_runner(options, beam_args,
                                                     work_seconds)
