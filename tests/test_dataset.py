@@ -6,6 +6,7 @@ so a stream can be compared example by example.
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -124,20 +125,24 @@ def test_eval_cache_serves_later_passes_from_memory(tmp_path, batch_size):
 # --- training order ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("batch_size", [10, 16, 64])  # 64: more than an epoch
 def test_training_epochs_are_permutations_seeded_by_seed_and_epoch(
-    numbered_dir):
-  stream = labels_of(dataset.load(numbered_dir, "train", 10, training=True,
-                                  seed=3), num_batches=15)
+    numbered_dir, batch_size):
+  stream = labels_of(dataset.load(numbered_dir, "train", batch_size,
+                                  training=True, seed=3),
+                     num_batches=math.ceil(150 / batch_size))
   epochs = [stream[0:50], stream[50:100], stream[100:150]]
   for epoch in epochs:
     assert sorted(epoch) == list(range(50))
   assert epochs[0] != epochs[1] != epochs[2]
-  again = labels_of(dataset.load(numbered_dir, "train", 10, training=True,
-                                 seed=3), num_batches=15)
+  again = labels_of(dataset.load(numbered_dir, "train", batch_size,
+                                 training=True, seed=3),
+                    num_batches=math.ceil(150 / batch_size))
   assert again == stream
-  other_seed = labels_of(dataset.load(numbered_dir, "train", 10,
-                                      training=True, seed=4), num_batches=5)
-  assert other_seed != stream[:50]
+  other_seed = labels_of(dataset.load(numbered_dir, "train", batch_size,
+                                      training=True, seed=4),
+                         num_batches=math.ceil(50 / batch_size))
+  assert other_seed[:50] != stream[:50]
 
 
 def test_training_batches_are_static_and_full(numbered_dir):
