@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from absl import logging
 import tensorflow as tf
@@ -58,6 +59,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 INTERLEAVE_CYCLE_LENGTH = 16
 # Records per block when counting a shard's records (see _read_shard).
 COUNT_BLOCK_SIZE = 256
+# The error a shard with the wrong record count stops with, after
+# "PATH: read N records, expected M".
+_BAD_SHARD = (" (corrupt, truncated or missing shard, or one that disagrees "
+              "with the metadata; {skip} skips and counts unreadable records)")
+_SKIP_OPTION = "load(skip_bad_records=True)"
 # Padding a random crop adds on each side of the image (CIFAR-style).
 CROP_PADDING = 4
 
@@ -172,15 +178,48 @@ def _read_shard(path, expected_count, compression: str | None):
         [tf.strings.join([
             path, ": read ", tf.strings.as_string(count_before),
             " records, expected ", tf.strings.as_string(expected_count),
-            " (corrupt, truncated or missing shard, or one that disagrees "
-            "with the metadata; load(skip_bad_records=True) skips and counts "
-            "unreadable records)"])])
+            _BAD_SHARD.format(skip=_SKIP_OPTION)])])
     with tf.control_dependencies([check]):
       return tf.identity(real)
 
   blocks = blocks.filter(is_records)
   blocks = blocks.map(lambda count_before, block, real: block)
   return blocks.unbatch()
+
+
+# What TF says when an encoded image does not decode (its JPEG, PNG, GIF and
+# BMP decoders, and decode_image's format check).
+_DECODE_ERRORS = re.compile(
+    r"jpeg::Uncompress failed|Invalid JPEG data|Invalid PNG data|"
+    r"Unknown image file format|Invalid GIF data|Failed to decode GIF|"
+    r"Invalid BMP|Input is empty")
+
+
+def describe_data_error(error: Exception,
+                        skip_option: str = _SKIP_OPTION) -> str | None:
+  """One line for an error raised while iterating load()'s batches because
+  of bad data, or None for any other error.
+
+  A shard that fails its record count (see _read_shard) gives its path and
+  counts, naming `skip_option` as the way around (the trainers name their
+  flag); an image that does not decode (a JPEG corrupt in the middle passes
+  the converter's header and end-marker check) gives TF's reason: the graph
+  cannot say which record it was.
+  """
+  if not isinstance(error, tf.errors.InvalidArgumentError):
+    return None
+  message = str(error)
+  shard = re.search(r"assertion failed: \[(.*?: read \d+ records, expected "
+                    r"\d+) \(corrupt, truncated", message)
+  if shard:
+    return shard.group(1) + _BAD_SHARD.format(skip=skip_option)
+  decode = _DECODE_ERRORS.search(message)
+  if decode:
+    line = next(line for line in message.splitlines() if decode.group(0) in line)
+    return (f"an image in the dataset does not decode ({line.strip()}); "
+            "the converter checks only headers and end markers: re-encode "
+            "or remove the file and convert again")
+  return None
 
 
 def _augment(seed: int, pipeline_id: int):

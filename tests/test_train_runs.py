@@ -9,6 +9,7 @@ events, one-line flag errors, and the CNN learning the demo shapes.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,6 +302,26 @@ def test_bad_input_is_one_line_and_exit_1(module, args, message,
   assert message in last_line and "error" in last_line
   assert "Traceback" not in result.stderr
   assert time.monotonic() - started < 60
+
+
+def test_a_corrupt_shard_is_one_line_naming_it_and_exit_1(image_dataset_dir,
+                                                          tmp_path):
+  """Bad data is the user's to fix: no traceback, and exit 1 so that the
+  launchers do not restart into the same bytes."""
+  data_dir = tmp_path / "data"
+  shutil.copytree(image_dataset_dir, data_dir)
+  shard = sorted(data_dir.glob("*-train.tfrecord-*"))[2]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  result = run_trainer("cnn", f"--data_dir={data_dir}",
+                       f"--model_dir={tmp_path / 'model'}", "--nocache",
+                       *SMALL)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(f"error: bad data: {shard}: read ")
+  assert "--skip_bad_records" in last_line
+  assert "Traceback" not in result.stderr
 
 
 def test_flagfile(image_dataset_dir, tmp_path):

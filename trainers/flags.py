@@ -134,6 +134,11 @@ def _parse_flags(argv):
     sys.exit(1)
 
 
+def _describe_data_error(error: Exception) -> str | None:
+  from pipeline import dataset  # pylint: disable=g-import-not-at-top (TF)
+  return dataset.describe_data_error(error, skip_option="--skip_bad_records")
+
+
 def run(main) -> None:
   """Runs `main(argv)` under absl with the trainers' exit-code contract."""
 
@@ -149,7 +154,11 @@ def run(main) -> None:
     except config_lib.Preempted as preempted:
       sys.stderr.write(f"preempted: {preempted}\n")
       sys.exit(config_lib.PREEMPTED_EXIT_CODE)
-    except Exception:  # pylint: disable=broad-except
+    except Exception as error:  # pylint: disable=broad-except
+      bad_data = _describe_data_error(error)
+      if bad_data:  # a restart would read the same bytes: exit 1, no retry
+        sys.stderr.write(f"error: bad data: {bad_data}\n")
+        sys.exit(1)
       # A crash (a lost peer, a full disk): Python would exit 1, which means
       # "user error, do not retry" to the launchers; this one is retryable.
       traceback.print_exc()
