@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 
 from absl import logging
@@ -145,9 +146,11 @@ def read(data_dir: str) -> DatasetInfo:
         "did not finish (metadata is written last)")
   absl_logger = logging.get_absl_logger()
   level = absl_logger.level
-  absl_logger.setLevel(logging.WARNING)  # TFDS logs each load at INFO
+  # TFDS logs each load at INFO. A Python level: absl's logging.WARNING is
+  # its verbosity -1, which as a logger level would let everything through.
+  absl_logger.setLevel(std_logging.WARNING)
   try:
-    builder = tfds.builder_from_directory(data_dir)
+    info = tfds.builder_from_directory(data_dir).info  # read here, quietly
   except Exception as error:  # TFDS raises many types for a bad dir.
     raise ValueError(f"{data_dir}: unreadable dataset metadata: {error}") \
         from error
@@ -158,9 +161,9 @@ def read(data_dir: str) -> DatasetInfo:
   if tf.io.gfile.exists(extra_path):
     with tf.io.gfile.GFile(extra_path) as f:
       extra = json.load(f)
-  schema = _schema_from_tfds(builder.info.features, extra)
+  schema = _schema_from_tfds(info.features, extra)
   splits = {}
-  for name, split_info in builder.info.splits.items():
+  for name, split_info in info.splits.items():
     files = tuple(os.fspath(p) for p in split_info.filepaths)
     lengths = tuple(int(n) for n in split_info.shard_lengths)
     if len(files) != len(lengths):
@@ -172,5 +175,5 @@ def read(data_dir: str) -> DatasetInfo:
           f"{data_dir}: split {name} is missing {len(missing)} of "
           f"{len(files)} shards, e.g. {missing[0]}")
     splits[name] = Split(name=name, files=files, shard_lengths=lengths)
-  return DatasetInfo(name=builder.info.name, data_dir=data_dir, schema=schema,
+  return DatasetInfo(name=info.name, data_dir=data_dir, schema=schema,
                      splits=splits, compression=extra.get("compression"))

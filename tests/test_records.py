@@ -1,5 +1,7 @@
 """The record format round-trips: our encoder, TF's parser, TFDS's reader."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -138,3 +140,14 @@ def test_parse_batch_is_the_same_static_dynamic_and_without_labels(
   resized = records.parse_batch(serialized, info.schema, image_size=(4, 6),
                                 with_label=False)
   assert resized.shape == (5, 4, 6, 3)
+
+
+def test_metadata_read_keeps_tfds_info_logs_out_and_restores_the_level(
+    image_dataset_dir, caplog):
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO, logger="absl"):
+    metadata.read(image_dataset_dir)
+    absl_logging.info("ours, after the read")
+  messages = [record.getMessage() for record in caplog.records]
+  assert not [m for m in messages if "dataset info" in m], messages
+  assert "ours, after the read" in messages
