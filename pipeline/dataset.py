@@ -14,9 +14,8 @@ The training stream is a pure function of (seed, epoch, input pipeline):
   epoch e:  shuffle this pipeline's file order with seed (seed, e)
             -> interleave the files (deterministic) -> shuffle buffer seeded
             with (seed, e) -> records of epoch e
-  stream:   epochs start_epoch, start_epoch + 1, ... concatenated (the next
-            one prepared in the background), then batched (batches run
-            across epoch boundaries, none are dropped)
+  stream:   epochs start_epoch, start_epoch + 1, ... concatenated, then
+            batched (batches run across epoch boundaries, none are dropped)
 
 so resuming at global step k needs no iterator state: the examples this
 pipeline consumed in k steps are arithmetic (per-replica batch x replicas fed
@@ -190,9 +189,9 @@ def _read_shard(path, expected_count, compression: str | None):
 # What TF says when an encoded image does not decode (its JPEG, PNG, GIF and
 # BMP decoders, and decode_image's format check).
 _DECODE_ERRORS = re.compile(
-    r"jpeg::Uncompress failed|Invalid JPEG data|Invalid PNG data|"
+    r"jpeg::Uncompress failed|Invalid JPEG data|Invalid PNG|"
     r"Unknown image file format|Invalid GIF data|Failed to decode GIF|"
-    r"Invalid BMP|Input is empty")
+    r"Invalid BMP|Input size should match|Number of channels|Input is empty")
 
 
 def describe_data_error(error: Exception,
@@ -215,8 +214,8 @@ def describe_data_error(error: Exception,
     return shard.group(1) + _BAD_SHARD.format(skip=skip_option)
   decode = _DECODE_ERRORS.search(message)
   if decode:
-    line = next(line for line in message.splitlines() if decode.group(0) in line)
-    return (f"an image in the dataset does not decode ({line.strip()}); "
+    reason = message[decode.start():].splitlines()[0].strip()
+    return (f"an image in the dataset does not decode ({reason}); "
             "the converter checks only headers and end markers: re-encode "
             "or remove the file and convert again")
   return None
@@ -442,26 +441,11 @@ def _training_stream(share: _PipelineShare, compression, parse, *,
       return shard_records(order).shuffle(min(shuffle_buffer_size, epoch_size),
                                           seed=_shuffle_seed(seed, epoch))
 
-  def epoch_batches(epoch):
-    """An epoch's records in batches, the last one partial; the first epoch
-    starts after the records a resumed run already took (raw or cached
-    records, skipped before parsing)."""
-    skip = tf.where(epoch == start_epoch, tf.constant(skip_in_epoch, tf.int64),
-                    tf.constant(0, tf.int64))
-    return epoch_stream(epoch).skip(skip).batch(batch_size)
-
-  # Epoch after epoch, in order (block_length covers an epoch, so epochs
-  # never mix), with the next epoch opened one ahead: its files are read and
-  # its shuffle buffer filled while this one is consumed. Opened on demand,
-  # each epoch boundary stalled the stream ~40 ms (10k-record buffer, small
-  # images), 12% of the time on bench/input.py's 20k-example epochs. Costs a
-  # second shuffle buffer of memory near epoch ends.
   ds = tf.data.Dataset.range(start_epoch, tf.int64.max)
-  ds = ds.interleave(epoch_batches, cycle_length=2,
-                     block_length=math.ceil(epoch_size / batch_size),
-                     num_parallel_calls=2, deterministic=True)
-  # Static batch shape (TPU); batches span epoch boundaries, none dropped.
-  ds = ds.rebatch(batch_size, drop_remainder=True)
+  ds = ds.flat_map(epoch_stream)  # epoch by epoch, each from (seed, epoch)
+  ds = ds.skip(skip_in_epoch)  # resume: raw records (or cached), unparsed
+  # drop_remainder: static batch shape (TPU); batches span epoch boundaries.
+  ds = ds.batch(batch_size, drop_remainder=True)
   if not cache:
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE)
   if augment:

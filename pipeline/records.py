@@ -106,7 +106,9 @@ def _list_feature(value) -> bytes:
   """A whole `tf.train.Feature` of a list (or a float): bytes/str, int or
   float values, all of one kind."""
   values = value if isinstance(value, (list, tuple)) else [value]
-  first = values[0] if values else 0.0
+  if not values:  # TF writes no packed field at all for an empty list
+    return _length_delimited(_FIELD_2, b"")
+  first = values[0]
   if isinstance(first, (bytes, str)):
     items = b"".join(
         _length_delimited(_FIELD_1, v.encode() if isinstance(v, str) else v)
@@ -242,7 +244,7 @@ def parse_batch(serialized, schema: Schema, image_size=None,
     def decode(encoded):
       return decode_image(encoded, schema, image_size)
 
-    if batch_size is not None and batch_size <= UNROLL_MAX_BATCH:
+    if batch_size is not None and 0 < batch_size <= UNROLL_MAX_BATCH:
       # A static batch (training, drop_remainder) is decoded by one op per
       # image, which tf.data runs in parallel, not by map_fn's sequential
       # loop: 1.45x the examples/s on 32x32 JPEGs (bench/input.py).

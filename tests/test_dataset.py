@@ -321,17 +321,22 @@ def test_a_bad_shard_stops_with_an_error_naming_the_file(tmp_path, mode,
   assert "\n" not in line
 
 
-def test_an_image_that_does_not_decode_is_described_as_bad_data(tmp_path):
+@pytest.mark.parametrize("broken", [
+    b"\xff\xd8 not really a JPEG",
+    b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,  # a PNG signature, then junk
+])
+def test_an_image_that_does_not_decode_is_described_as_bad_data(tmp_path,
+                                                                 broken):
   schema = records.Schema(kind="image", shape=(8, 8, 3), class_names=("a",))
   good = make_image_examples(5, num_classes=1)
   data_dir = write_dataset(tmp_path, schema, {
-      "train": good + [("broken.jpg", b"\xff\xd8 not really a JPEG", 0)]},
-                           num_shards=1)
+      "train": good + [("broken", broken, 0)]}, num_shards=1)
   with pytest.raises(tf.errors.InvalidArgumentError) as raised:
     for _ in dataset.load(data_dir, "train", 6, training=True).take(1):
       pass
   line = dataset.describe_data_error(raised.value)
   assert line.startswith("an image in the dataset does not decode (")
+  assert "Iterator::" not in line and "\n" not in line
   assert dataset.describe_data_error(
       tf.errors.InvalidArgumentError(None, None, "shapes differ")) is None
   assert dataset.describe_data_error(ValueError("x")) is None
