@@ -97,9 +97,12 @@ def detect_source(input_path: str) -> str:
     names = [posixpath.basename(m.path) for m in FileSystems.match(
         [input_path.rstrip("/") + "/*"])[0].metadata_list]
   elif os.path.isdir(input_path):  # Beam's local match walks the whole
-    with os.scandir(input_path) as entries:  # tree: 0.4 s at 100k images
-      names = sorted(entry.name for entry in entries
-                     if entry.is_file() and not entry.name.startswith("."))
+    try:  # tree: 0.4 s at 100k images
+      with os.scandir(input_path) as entries:
+        names = sorted(entry.name for entry in entries
+                       if entry.is_file() and not entry.name.startswith("."))
+    except OSError as error:
+      raise UserError(f"{input_path}: cannot list it: {error}") from error
   else:
     names = []
   if any(mnist_idx.IDX_FILE.match(name) for name in names):

@@ -209,7 +209,8 @@ def describe_data_error(error: Exception,
     return None
   message = str(error)
   shard = re.search(r"assertion failed: \[(.*?: read \d+ records, expected "
-                    r"\d+) \(corrupt, truncated", message)
+                    r"\d+)" + re.escape(_BAD_SHARD[:_BAD_SHARD.index(";")]),
+                    message)
   if shard:
     return shard.group(1) + _BAD_SHARD.format(skip=skip_option)
   decode = _DECODE_ERRORS.search(message)
