@@ -421,6 +421,34 @@ def test_shard_lengths_that_disagree_with_metadata_fail_naming_the_file(
                    skip_bad_records=True)
 
 
+@pytest.mark.parametrize("block_size", [4, 5])
+@pytest.mark.parametrize("actual_count", [3, 8, 9, 10, 12])
+def test_the_count_check_holds_across_block_boundaries(tmp_path, monkeypatch,
+                                                       block_size,
+                                                       actual_count):
+  """Shards spanning several read blocks: short by a whole block, by part of
+  one, exact, and long all come out right (the other tests' shards fit in
+  one block)."""
+  monkeypatch.setattr(dataset, "READ_BLOCK_SIZE", block_size)
+  data_dir = write_numbered(tmp_path, 20, 2)
+  files = dataset.info(data_dir).splits["train"].files
+  with tf.io.TFRecordWriter(files[1]) as writer:  # the metadata says 10
+    for index in range(actual_count):
+      writer.write(records.make_example(NUMBERED_SCHEMA, "x", [0.0, 0.0],
+                                        float(100 + index)))
+  for training in (False, True):
+    ds = dataset.load(data_dir, "train", 4, training=training)
+    if actual_count == 10:
+      labels = labels_of(ds, num_batches=None if not training else 10)
+      assert sorted(labels[:20]) == list(range(0, 20, 2)) + list(
+          range(100, 110))
+      continue
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=os.path.basename(files[1]) +
+                       f": read {actual_count} records, expected 10"):
+      labels_of(ds, num_batches=None if not training else 10)
+
+
 # --- strategies and TFDS -----------------------------------------------------
 
 
