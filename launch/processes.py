@@ -104,9 +104,15 @@ class Watchdog:
   def forget(self, pgid: int) -> None:
     self._tell(f"-{pgid}")
 
-  def close(self) -> None:
-    """Normal exit: every group was stopped already, so nothing to kill."""
-    self._tell("done")
+  def close(self, stop_watched: bool = False) -> None:
+    """Normal exit: every group was stopped already, so nothing to kill.
+
+    stop_watched: leaving on an exception (a Ctrl-C between starting a child
+    and the code that would stop it): the watchdog stops the groups still
+    listed, as if this process had died.
+    """
+    if not stop_watched:
+      self._tell("done")
     try:
       self._process.stdin.close()
     except BrokenPipeError:

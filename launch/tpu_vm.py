@@ -327,62 +327,78 @@ def run_once(gcloud: Gcloud, command: list,
   """One run on every host; the first failing host's exit code (gcloud's)."""
   config = gcloud.config
   workers = "--worker=0" if config.pod else "--worker=all"
-  child = gcloud.stream(*tpu("ssh", config.name, workers,
-                             f"--command={remote_run_command(config, command)}"
-                             ), watchdog=watchdog)
-  if child is None:  # dry run
-    return 0
+  ssh = tpu("ssh", config.name, workers,
+            f"--command={remote_run_command(config, command)}")
+  child = None
   try:
+    # Started inside the try: a Ctrl-C that lands while it starts still
+    # stops the remote trainers (and supervise's watchdog the local ssh).
+    child = gcloud.stream(*ssh, watchdog=watchdog)
+    if child is None:  # dry run
+      return 0
     child.popen.wait()
   except KeyboardInterrupt:
     processes.say("launch.tpu_vm: interrupted; asking the trainers to "
                   "checkpoint and stop")
     try:
       stop_remote(gcloud)
-      processes.wait_all([child], time.monotonic() + config.grace_seconds)
+      if child is not None:
+        processes.wait_all([child], time.monotonic() + config.grace_seconds)
     finally:
-      processes.stop([child], watchdog, grace_seconds=2)
+      if child is not None:
+        processes.stop([child], watchdog, grace_seconds=2)
     raise
   processes.stop([child], watchdog, grace_seconds=0, send_sigterm=False)
   return child.popen.returncode
 
 
 def supervise(gcloud: Gcloud, command: list) -> int:
-  config = gcloud.config
+  """Runs until done, a user error or no restarts/preemptions left."""
   watchdog = processes.Watchdog(grace_seconds=2)
-  restarts = preemptions = 0
   try:
-    installed = False
-    while True:
-      if make_ready(gcloud) or not installed:
-        install(gcloud)
-        installed = True
-      code = run_once(gcloud, command, watchdog)
-      if code == 0:
-        processes.say(f"launch.tpu_vm: training finished on {config.name}")
-        return 0
-      state = state_of(gcloud)
-      processes.say(f"launch.tpu_vm: the run ended with exit code {code}; "
-                    f"{config.name} is {state}")
-      if state != "READY" or code == PREEMPTED:
-        if preemptions == config.max_preemptions:
-          raise LaunchError(f"gave up after {preemptions} preemptions")
-        preemptions += 1
-        installed = state == "READY"
-        processes.say(f"launch.tpu_vm: preemption {preemptions}: re-running, "
-                      "the trainer resumes from its checkpoint")
-        continue
-      if code == USER_ERROR:
-        return USER_ERROR
-      if restarts == config.max_restarts:
-        processes.say(f"launch.tpu_vm: no restarts left "
-                      f"(--max_restarts={config.max_restarts})")
-        return code
-      restarts += 1
-      processes.say(f"launch.tpu_vm: restart {restarts} of "
-                    f"{config.max_restarts}")
-  finally:
-    watchdog.close()
+    code = _run_until_done(gcloud, command, watchdog)
+  except BaseException:
+    # Whatever was started and not yet stopped (a Ctrl-C can land between
+    # the two) is stopped by the watchdog.
+    watchdog.close(stop_watched=True)
+    raise
+  watchdog.close()
+  return code
+
+
+def _run_until_done(gcloud: Gcloud, command: list,
+                    watchdog: processes.Watchdog) -> int:
+  config = gcloud.config
+  restarts = preemptions = 0
+  installed = False
+  while True:
+    if make_ready(gcloud) or not installed:
+      install(gcloud)
+      installed = True
+    code = run_once(gcloud, command, watchdog)
+    if code == 0:
+      processes.say(f"launch.tpu_vm: training finished on {config.name}")
+      return 0
+    state = state_of(gcloud)
+    processes.say(f"launch.tpu_vm: the run ended with exit code {code}; "
+                  f"{config.name} is {state}")
+    if state != "READY" or code == PREEMPTED:
+      if preemptions == config.max_preemptions:
+        raise LaunchError(f"gave up after {preemptions} preemptions")
+      preemptions += 1
+      installed = state == "READY"
+      processes.say(f"launch.tpu_vm: preemption {preemptions}: re-running, "
+                    "the trainer resumes from its checkpoint")
+      continue
+    if code == USER_ERROR:
+      return USER_ERROR
+    if restarts == config.max_restarts:
+      processes.say(f"launch.tpu_vm: no restarts left "
+                    f"(--max_restarts={config.max_restarts})")
+      return code
+    restarts += 1
+    processes.say(f"launch.tpu_vm: restart {restarts} of "
+                  f"{config.max_restarts}")
 
 
 def raise_keyboard_interrupt(signum, frame):  # pylint: disable=unused-argument

@@ -279,6 +279,22 @@ def test_sigkilled_launcher_leaves_no_worker(worker):
   assert wait_until(lambda: all(is_gone(pid) for pid in pids), timeout=15)
 
 
+
+def test_watchdog_closed_on_an_exception_stops_what_it_still_watches():
+  """What a launcher leaving on an exception (a Ctrl-C between starting a
+  child and the code that stops it) does with that child."""
+  from launch import processes  # pylint: disable=g-import-not-at-top
+  watchdog = processes.Watchdog(grace_seconds=1)
+  child = processes.start(
+      [sys.executable, "-c", "import time; time.sleep(60)"], name="sleeper",
+      env=dict(os.environ), watchdog=watchdog)
+  try:
+    watchdog.close(stop_watched=True)
+    assert wait_until(lambda: child.popen.poll() is not None, timeout=10)
+  finally:
+    if child.popen.poll() is None:
+      child.popen.kill()
+
 def assert_one_line_error(result, expected):
   assert result.returncode == 1
   assert result.stderr.strip().count("\n") == 0, result.stderr

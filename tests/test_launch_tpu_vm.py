@@ -215,10 +215,8 @@ def test_ctrl_c_stops_the_remote_trainer(fake_gcloud):
   while time.monotonic() < deadline and not (
       state_path.exists() and json.loads(state_path.read_text())["runs"]):
     time.sleep(0.05)
-  # The fake records the run as its process starts; give the launcher time to
-  # get from starting it to waiting on it. A Ctrl-C inside that window can
-  # leave the remote run holding our stdout (seen once under a loaded suite;
-  # see the closing note of 2026-11-23): a launcher race, not fixed yet.
+  # The fake records the run as its process starts; a Ctrl-C before the
+  # launcher waits on it is the next test's case.
   time.sleep(1.0)
   launcher.send_signal(signal.SIGINT)
   output, _ = launcher.communicate(timeout=30)
@@ -229,3 +227,39 @@ def test_ctrl_c_stops_the_remote_trainer(fake_gcloud):
   running_pid = json.loads(state_path.read_text())["running_pid"]
   assert not psutil.pid_exists(running_pid) or (
       psutil.Process(running_pid).status() == psutil.STATUS_ZOMBIE)
+
+
+def test_a_ctrl_c_while_the_run_starts_still_stops_it(fake_gcloud,
+                                                       monkeypatch):
+  """The window between starting the remote run and waiting on it, hit for
+  sure: the interrupt is raised as soon as the process has started."""
+  from launch import processes  # pylint: disable=g-import-not-at-top
+  from launch import tpu_vm  # pylint: disable=g-import-not-at-top
+  env, state_dir = fake_gcloud
+  for name in ("PATH", "FAKE_GCLOUD_DIR"):
+    monkeypatch.setenv(name, env[name])
+  monkeypatch.setenv("FAKE_GCLOUD_RUN_SECONDS", "60")
+  started = []
+
+  def start_then_interrupt(*args, **kwargs):
+    started.append(real_start(*args, **kwargs))
+    raise KeyboardInterrupt
+
+  real_start = processes.start
+  monkeypatch.setattr(processes, "start", start_then_interrupt)
+  config = tpu_vm.TpuConfig(
+      name="test-tpu", zone="us-central2-b", project=None,
+      accelerator_type="v4-8", version="tpu-vm-tf-2.16.1-pjrt", spot=False,
+      pod=False, delete=False, dry_run=False, max_restarts=0,
+      max_preemptions=0, remote_dir="tfrecord-pipeline", poll_seconds=0.01,
+      ready_timeout_seconds=30, grace_seconds=2)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      tpu_vm.supervise(tpu_vm.Gcloud(config), TRAINER + ["--tpu=local"])
+    assert len(started) == 1
+    assert started[0].popen.poll() is not None  # stopped, not left running
+    assert "ssh:kill" in [summary(call) for call in calls(state_dir)]
+  finally:
+    for child in started:
+      if child.popen.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
