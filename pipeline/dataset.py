@@ -200,16 +200,16 @@ _DECODE_ERRORS = re.compile(
     r"Invalid BMP|Input size should match|Number of channels|Input is empty")
 
 
-def describe_data_error(error: Exception,
-                        skip_option: str = _SKIP_OPTION) -> str | None:
+def describe_data_error(error: Exception, skip_option: str = _SKIP_OPTION,
+                        data_dir: str | None = None) -> str | None:
   """One line for an error raised while iterating load()'s batches because
   of bad data, or None for any other error.
 
   A shard that fails its record count (see _read_shard) gives its path and
   counts, naming `skip_option` as the way around (the trainers name their
-  flag); an image that does not decode (a JPEG corrupt in the middle passes
-  the converter's header and end-marker check) gives TF's reason: the graph
-  cannot say which record it was.
+  flag). An image that does not decode (a JPEG corrupt in the middle passes
+  the converter's header and end-marker check) gives TF's reason, which
+  names no record; with `data_dir`, find_undecodable() then looks for it.
   """
   if not isinstance(error, tf.errors.InvalidArgumentError):
     return None
@@ -220,11 +220,56 @@ def describe_data_error(error: Exception,
   if shard:
     return shard.group(1) + _BAD_SHARD.format(skip=skip_option)
   decode = _DECODE_ERRORS.search(message)
-  if decode:
-    reason = message[decode.start():].splitlines()[0].strip()
-    return (f"an image in the dataset does not decode ({reason}); "
-            "the converter checks only headers and end markers: re-encode "
-            "or remove the file and convert again")
+  if not decode:
+    return None
+  reason = message[decode.start():].splitlines()[0].strip()
+  found = find_undecodable(data_dir) if data_dir else None
+  where = f": {found}" if found else " (the graph cannot say which record)"
+  return (f"an image in the dataset does not decode ({reason}){where}; the "
+          "converter checks only headers and end markers: re-encode or "
+          "remove the file and convert again")
+
+
+def find_undecodable(data_dir: str, splits=None) -> str | None:
+  """"split S, record N (id ...) of PATH" for the first image of `splits`
+  (default: all) that does not decode, or None.
+
+  Decodes every image up to that one (in parallel, file by file): meant for
+  naming the record after a decode error stopped a run, when the cost (a
+  pass over the data) buys an answer nobody else can give.
+  """
+  dataset_info = metadata.read(data_dir)
+  schema = dataset_info.schema
+  if schema.kind != "image":
+    return None
+  image_spec = {records.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+  id_spec = {records.ID_KEY: tf.io.FixedLenFeature([], tf.string, "")}
+
+  def decoded_index(index, serialized):
+    encoded = tf.io.parse_single_example(serialized, image_spec)
+    pixels = records.decode_pixels(encoded[records.IMAGE_KEY], schema)
+    # The decoded shape, not a control dependency, ties the index to the
+    # decode: grappler drops control inputs from stateless ops.
+    return index, tf.shape(pixels)
+
+  for split in splits or sorted(dataset_info.splits):
+    for path in dataset_info.splits[split].files:
+      shard = _shard_records(path, dataset_info.compression)
+      decoded = shard.enumerate().map(decoded_index,
+                                      num_parallel_calls=AUTOTUNE)
+      expected = 0
+      for index, _ in decoded.ignore_errors().as_numpy_iterator():
+        if index != expected:
+          break
+        expected += 1
+      else:
+        if expected == _count_readable(path, dataset_info.compression):
+          continue
+      serialized = next(iter(shard.skip(expected).take(1)))
+      key = tf.io.parse_single_example(serialized, id_spec)[records.ID_KEY]
+      key = key.numpy().decode(errors="replace")
+      return (f"split {split}, record {expected}"
+              f"{f' (id {key!r})' if key else ''} of {path}")
   return None
 
 

@@ -210,12 +210,19 @@ def decode_image(encoded, schema: Schema, image_size=None):
   return tf.ensure_shape(image, shape)
 
 
+def decode_pixels(encoded, schema: Schema):
+  """Encoded bytes -> uint8 [h, w, C] as stored: the decode that can fail on
+  bad bytes, before any resize or shape check."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.decode_image(encoded, channels=schema.shape[-1],
+                            expand_animations=False)
+
+
 def _decode_unshaped(encoded, schema: Schema, image_size=None):
   """(image of unknown static shape, the shape it must have)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   height, width, channels = schema.shape
-  image = tf.io.decode_image(encoded, channels=channels,
-                             expand_animations=False)
+  image = decode_pixels(encoded, schema)
   if image_size is not None and tuple(image_size) != (height, width):
     image = tf.image.resize(image, image_size, antialias=True)
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)

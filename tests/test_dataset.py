@@ -328,15 +328,23 @@ def test_a_bad_shard_stops_with_an_error_naming_the_file(tmp_path, mode,
 def test_an_image_that_does_not_decode_is_described_as_bad_data(tmp_path,
                                                                  broken):
   schema = records.Schema(kind="image", shape=(8, 8, 3), class_names=("a",))
-  good = make_image_examples(5, num_classes=1)
+  good = make_image_examples(7, num_classes=1)
+  # Dealt round-robin to 2 shards: "broken" is record 1 of the second.
   data_dir = write_dataset(tmp_path, schema, {
-      "train": good + [("broken", broken, 0)]}, num_shards=1)
+      "train": good[:3] + [("broken", broken, 0)] + good[3:],
+      "validation": good}, num_shards=2)
   with pytest.raises(tf.errors.InvalidArgumentError) as raised:
-    for _ in dataset.load(data_dir, "train", 6, training=True).take(1):
+    for _ in dataset.load(data_dir, "train", 8, training=True).take(1):
       pass
   line = dataset.describe_data_error(raised.value)
   assert line.startswith("an image in the dataset does not decode (")
+  assert "cannot say which record" in line
   assert "Iterator::" not in line and "\n" not in line
+  shard = dataset.info(data_dir).splits["train"].files[1]
+  named = dataset.describe_data_error(raised.value, data_dir=data_dir)
+  assert f": split train, record 1 (id 'broken') of {shard};" in named
+  assert "\n" not in named
+  assert dataset.find_undecodable(data_dir, ["validation"]) is None
   assert dataset.describe_data_error(
       tf.errors.InvalidArgumentError(None, None, "shapes differ")) is None
   assert dataset.describe_data_error(ValueError("x")) is None

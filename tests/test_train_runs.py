@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import make_image_examples
+from conftest import write_dataset
 from pipeline import dataset
+from pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch_size=16", "--train_steps=24", "--steps_per_loop=4",
@@ -321,6 +324,28 @@ def test_a_corrupt_shard_is_one_line_naming_it_and_exit_1(image_dataset_dir,
   last_line = result.stderr.strip().splitlines()[-1]
   assert last_line.startswith(f"error: bad data: {shard}: read ")
   assert "--skip_bad_records" in last_line
+  assert "Traceback" not in result.stderr
+
+
+def test_an_image_that_does_not_decode_is_one_line_naming_it(tmp_path):
+  """The converter checks headers and end markers only; an image corrupt in
+  between stops training, and the trainer finds which record it was."""
+  schema = records.Schema(kind="image", shape=(8, 8, 3),
+                          class_names=("a", "b", "c"))
+  good = make_image_examples(40)
+  broken = good[17][1][:-30] + b"\x00" * 18 + good[17][1][-12:]
+  data_dir = write_dataset(tmp_path / "data", schema, {
+      "train": good[:17] + [("img00017", broken, 2)] + good[18:]},
+                           num_shards=4)
+  result = run_trainer("cnn", f"--data_dir={data_dir}",
+                       f"--model_dir={tmp_path / 'model'}", "--nocache",
+                       *SMALL)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last_line = result.stderr.strip().splitlines()[-1]
+  shard = dataset.info(str(data_dir)).splits["train"].files[1]
+  assert last_line.startswith("error: bad data: an image in the dataset does "
+                              "not decode ("), last_line
+  assert f"split train, record 4 (id 'img00017') of {shard}" in last_line
   assert "Traceback" not in result.stderr
 
 

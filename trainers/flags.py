@@ -136,7 +136,8 @@ def _parse_flags(argv):
 
 def _describe_data_error(error: Exception) -> str | None:
   from pipeline import dataset  # pylint: disable=g-import-not-at-top (TF)
-  return dataset.describe_data_error(error, skip_option="--skip_bad_records")
+  return dataset.describe_data_error(error, skip_option="--skip_bad_records",
+                                     data_dir=FLAGS.data_dir)
 
 
 def run(main) -> None:
