@@ -353,6 +353,12 @@ def _convert(config: ConvertConfig, beam_args: list) -> list:
   num_written = sum(s.num_examples for s in summaries)
   if num_written == 0:
     raise UserError(f"{config.input}: every record was rejected; see {dead_letter}")
+  lost = [s.name for s in summaries if s.num_examples == 0]
+  if lost:  # a split the raw data has, gone: never a dataset without it
+    reason = next(entry for entry in rejected if entry["split"] == lost[0])
+    raise UserError(
+        f"split {lost[0]}: every record was rejected ({reason['source']}: "
+        f"{reason['reason']}); see {dead_letter} (no metadata written)")
   if len(rejected) > config.max_bad_fraction * (num_written + len(rejected)):
     raise UserError(
         f"{len(rejected)} of {num_written + len(rejected)} records were bad, "

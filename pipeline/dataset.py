@@ -66,7 +66,8 @@ READ_BLOCK_SIZE = 256
 # The error a shard with the wrong record count stops with, after
 # "PATH: read N records, expected M".
 _BAD_SHARD = (" (corrupt, truncated or missing shard, or one that disagrees "
-              "with the metadata; {skip} skips and counts unreadable records)")
+              "with the metadata")
+_SKIP_HINT = "; {skip} skips and counts unreadable records"
 _SKIP_OPTION = "load(skip_bad_records=True)"
 # Padding a random crop adds on each side of the image (CIFAR-style).
 CROP_PADDING = 4
@@ -185,7 +186,7 @@ def _read_shard(path, expected_count, compression: str | None):
         [tf.strings.join([
             path, ": read ", tf.strings.as_string(start + size),
             " records, expected ", tf.strings.as_string(expected_count),
-            _BAD_SHARD.format(skip=_SKIP_OPTION)])])
+            _BAD_SHARD, _SKIP_HINT.format(skip=_SKIP_OPTION), ")"])])
     with tf.control_dependencies([check]):
       return tf.identity(block)
 
@@ -200,14 +201,15 @@ _DECODE_ERRORS = re.compile(
     r"Invalid BMP|Input size should match|Number of channels|Input is empty")
 
 
-def describe_data_error(error: Exception, skip_option: str = _SKIP_OPTION,
+def describe_data_error(error: Exception,
+                        skip_option: str | None = _SKIP_OPTION,
                         data_dir: str | None = None) -> str | None:
   """One line for an error raised while iterating load()'s batches because
   of bad data, or None for any other error.
 
   A shard that fails its record count (see _read_shard) gives its path and
   counts, naming `skip_option` as the way around (the trainers name their
-  flag). An image that does not decode (a JPEG corrupt in the middle passes
+  flag; None: there is none). An image that does not decode (a JPEG corrupt in the middle passes
   the converter's header and end-marker check) gives TF's reason, which
   names no record; with `data_dir`, find_undecodable() then looks for it.
   """
@@ -215,10 +217,11 @@ def describe_data_error(error: Exception, skip_option: str = _SKIP_OPTION,
     return None
   message = str(error)
   shard = re.search(r"assertion failed: \[(.*?: read \d+ records, expected "
-                    r"\d+)" + re.escape(_BAD_SHARD[:_BAD_SHARD.index(";")]),
+                    r"\d+)" + re.escape(_BAD_SHARD),
                     message)
   if shard:
-    return shard.group(1) + _BAD_SHARD.format(skip=skip_option)
+    hint = _SKIP_HINT.format(skip=skip_option) if skip_option else ""
+    return shard.group(1) + _BAD_SHARD + hint + ")"
   decode = _DECODE_ERRORS.search(message)
   if not decode:
     return None
@@ -434,11 +437,7 @@ def _evaluation_stream(share: _PipelineShare, compression, parse, *,
                        cache: bool) -> tf.data.Dataset:
   """This pipeline's examples once, in file order, as `num_batches` full
   batches (inputs, labels, weights); weight 0 marks padding."""
-  shards = tf.data.Dataset.from_tensor_slices(
-      (tf.constant(share.files), tf.constant(share.lengths, tf.int64)))
-  ds = shards.flat_map(
-      lambda path, count: _read_shard(path, count, compression))
-  ds = ds.unbatch()
+  ds = _records_in_order(share.files, share.lengths, compression)
   if share.record_sharded:
     ds = ds.shard(share.num_pipelines, share.pipeline_id)
   ds = ds.batch(batch_size)  # the last partial batch is padded below
@@ -460,6 +459,28 @@ def _evaluation_stream(share: _PipelineShare, compression, parse, *,
   real_batches = math.ceil(share.num_examples / batch_size)
   return ds.concatenate(_padding_batches(ds.element_spec,
                                          num_batches - real_batches))
+
+
+def _records_in_order(files, lengths, compression) -> tf.data.Dataset:
+  """Every record of `files`, file after file, each file's count checked."""
+  shards = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(files), tf.constant(lengths, tf.int64)))
+  ds = shards.flat_map(
+      lambda path, count: _read_shard(path, count, compression))
+  return ds.unbatch()
+
+
+def serialized_records(data_dir: str, split: str) -> tf.data.Dataset:
+  """The split's serialized tf.Examples in file order, unparsed: what an
+  export's serving signature takes. Shards are checked as load() checks
+  them; describe_data_error() turns their errors into one line."""
+  dataset_info = metadata.read(data_dir)
+  if split not in dataset_info.splits:
+    raise ValueError(f"{data_dir}: no split {split!r}; it has "
+                     f"{sorted(dataset_info.splits)}")
+  split_info = dataset_info.splits[split]
+  return _records_in_order(split_info.files, split_info.shard_lengths,
+                           dataset_info.compression)
 
 
 def _training_stream(share: _PipelineShare, compression, parse, *,

@@ -265,22 +265,48 @@ def test_mnist_idx_round_trip(tmp_path, compress):
     assert example["label"] == index % 10
 
 
-def test_mnist_idx_bad_magic_and_truncation_are_rejected(tmp_path):
+def test_mnist_idx_truncation_and_an_unreadable_file_are_rejected(tmp_path):
   rng = np.random.default_rng(0)
   write_idx(tmp_path / "raw", "train", rng.integers(0, 255, (20, 4, 4), np.uint8),
             np.zeros(20, np.uint8), compress=False)
   write_idx(tmp_path / "raw", "t10k", rng.integers(0, 255, (5, 4, 4), np.uint8),
-            np.zeros(5, np.uint8), magic=0x0803_0000)
+            np.zeros(5, np.uint8))
+  # A second train pair (as EMNIST has) whose labels file is not IDX: its 6
+  # images are lost, and counted as 6, not as one bad file.
+  write_idx(tmp_path / "raw", "extra-train",
+            rng.integers(0, 255, (6, 4, 4), np.uint8), np.zeros(6, np.uint8))
+  (tmp_path / "raw" / "extra-train-labels-idx1-ubyte.gz").write_bytes(b"")
   images = tmp_path / "raw" / "train-images-idx3-ubyte"
   images.write_bytes(images.read_bytes()[:-16 * 2])  # the last two images
   summaries = convert(tmp_path / "raw", tmp_path / "out", source="mnist_idx",
                       max_bad_fraction=0.5)
   assert summaries["train"].num_examples == 18
-  assert summaries["train"].num_rejected == 2
-  assert summaries["test"].num_rejected == 1
+  assert summaries["train"].num_rejected == 2 + 6
+  assert summaries["test"].num_examples == 5
   reasons = {e["key"]: e["reason"] for e in dead_letter(tmp_path / "out")}
-  assert "magic" in reasons["t10k-images-idx3-ubyte.gz"]
   assert "ends before" in reasons["train-images-idx3-ubyte:19"]
+  assert "not an IDX uint8 label file" in reasons[
+      "extra-train-images-idx3-ubyte.gz:5"]
+
+
+@pytest.mark.parametrize("broken", ["images", "labels"])
+def test_mnist_idx_split_lost_to_an_unreadable_file_fails(tmp_path, broken):
+  """A split the raw data has never silently disappears from the dataset."""
+  rng = np.random.default_rng(0)
+  write_idx(tmp_path / "raw", "train", rng.integers(0, 255, (20, 4, 4), np.uint8),
+            np.zeros(20, np.uint8))
+  write_idx(tmp_path / "raw", "t10k", rng.integers(0, 255, (5, 4, 4), np.uint8),
+            np.zeros(5, np.uint8), magic=0x0803_0000 if broken == "images"
+            else 0x00000803)
+  if broken == "labels":
+    (tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+  with pytest.raises(convert_lib.UserError,
+                     match=f"split test: every record was rejected .*"
+                     f"t10k-{broken}-idx[13]-ubyte.gz is not an IDX"):
+    convert(tmp_path / "raw", tmp_path / "out", source="mnist_idx",
+            max_bad_fraction=0.5)
+  assert len(dead_letter(tmp_path / "out")) == 5
+  assert not (tmp_path / "out" / metadata.INFO_FILE).exists()
 
 
 # --- CIFAR binary ------------------------------------------------------------
@@ -340,6 +366,20 @@ def test_cifar_binary_partial_record_is_rejected(tmp_path):
   [entry] = dead_letter(tmp_path / "out")
   assert entry["key"] == "data_batch_1.bin:9"
   assert "partial record" in entry["reason"]
+
+
+def test_cifar_binary_empty_batch_fails_instead_of_dropping_its_split(
+    tmp_path):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  write_cifar_batch(raw / "data_batch_1.bin",
+                    np.zeros((4, 32, 32, 3), np.uint8),
+                    np.zeros((4, 1), np.uint8))
+  (raw / "test_batch.bin").write_bytes(b"")
+  with pytest.raises(convert_lib.UserError,
+                     match="split test: every record was rejected .*"
+                     "test_batch.bin: holds no whole record"):
+    convert(raw, tmp_path / "out", source="cifar_binary")
 
 
 # --- CSV ---------------------------------------------------------------------

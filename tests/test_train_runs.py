@@ -243,6 +243,48 @@ def test_export_in_a_fresh_process_matches_the_model(default_run,
   np.testing.assert_allclose(tflite, expected[:1], rtol=1e-4, atol=1e-5)
 
 
+
+def copy_with_a_corrupt_shard(data_dir, tmp_path, split, index):
+  """A copy of data_dir with a byte flipped mid-way through one shard;
+  returns (the copy, that shard)."""
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  shard = sorted(copy.glob(f"*-{split}.tfrecord-*"))[index]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  return copy, shard
+
+def run_predict(export_dir, data_dir):
+  return subprocess.run(
+      [sys.executable, "-m", "trainers.predict", f"--export_dir={export_dir}",
+       f"--data_dir={data_dir}"], cwd=REPO, capture_output=True, text=True,
+      timeout=120, check=False)
+
+
+def test_predict_serves_records_and_names_bad_input_in_one_line(
+    default_run, image_dataset_dir, tmp_path):
+  model_dir, _ = default_run
+  export_dir = os.path.join(model_dir, "export")
+  result = run_predict(export_dir, image_dataset_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "validation: 30 records through serving_default, accuracy" in (
+      result.stdout)
+
+  data_dir, shard = copy_with_a_corrupt_shard(image_dataset_dir, tmp_path,
+                                              "validation", 1)
+  vectors = write_dataset(tmp_path / "vectors", records.Schema(
+      kind="vector", shape=(2,), class_names=("a", "b")), {
+          "validation": [(f"v{i}", [0.5, 1.5], i % 2) for i in range(8)]})
+  for data, expected in ((data_dir, f"error: bad data: {shard}: read "),
+                         (vectors, f"error: --export_dir={export_dir} does "
+                          "not read the records")):
+    result = run_predict(export_dir, data)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), (
+        result.stderr[-2000:])
+
 def event_scalars(log_dir):
   scalars = {}
   for path in tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*")):
@@ -311,12 +353,8 @@ def test_a_corrupt_shard_is_one_line_naming_it_and_exit_1(image_dataset_dir,
                                                           tmp_path):
   """Bad data is the user's to fix: no traceback, and exit 1 so that the
   launchers do not restart into the same bytes."""
-  data_dir = tmp_path / "data"
-  shutil.copytree(image_dataset_dir, data_dir)
-  shard = sorted(data_dir.glob("*-train.tfrecord-*"))[2]
-  data = bytearray(shard.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  shard.write_bytes(bytes(data))
+  data_dir, shard = copy_with_a_corrupt_shard(image_dataset_dir, tmp_path,
+                                              "train", 2)
   result = run_trainer("cnn", f"--data_dir={data_dir}",
                        f"--model_dir={tmp_path / 'model'}", "--nocache",
                        *SMALL)

@@ -9,6 +9,7 @@ self-contained: the model is loaded with `tf.saved_model.load` alone.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -24,13 +25,22 @@ flags.mark_flags_as_required(["export_dir", "data_dir"])
 FLAGS = flags.FLAGS
 
 
+def _reason(error) -> str:
+  """TF's own sentence from an op error, without graph and node framing."""
+  lines = [line.strip() for line in error.message.splitlines()]
+  lines = [line for line in lines if line and not line.startswith(
+      ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
+  reason = lines[-1] if lines else error.message
+  return re.sub(r"\s*(\[\[|\[Op:).*$", "", reason)[:300]
+
+
 def main(argv):
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pipeline import metadata  # pylint: disable=g-import-not-at-top
+  from pipeline import dataset  # pylint: disable=g-import-not-at-top
 
   try:
-    info = metadata.read(FLAGS.data_dir)
+    info = dataset.info(FLAGS.data_dir)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"error: {error}")
   split = FLAGS.split or next(
@@ -43,14 +53,24 @@ def main(argv):
     sys.exit(f"error: --export_dir={FLAGS.export_dir}: no saved_model.pb")
 
   serve = tf.saved_model.load(FLAGS.export_dir).signatures["serving_default"]
-  examples = tf.data.TFRecordDataset(
-      list(info.splits[split].files),
-      compression_type=info.compression or "").take(FLAGS.num_examples)
-  serialized = tf.stack(list(examples))
+  examples = dataset.serialized_records(FLAGS.data_dir, split)
+  try:
+    serialized = tf.stack(list(examples.take(FLAGS.num_examples)))
+  except tf.errors.OpError as error:
+    bad_data = dataset.describe_data_error(error, skip_option=None,
+                                           data_dir=FLAGS.data_dir)
+    if not bad_data:
+      raise
+    sys.exit(f"error: bad data: {bad_data}")
   labels = tf.io.parse_example(serialized, {
       "label": tf.io.FixedLenFeature(
           [], tf.float32 if info.schema.is_regression else tf.int64)})["label"]
-  outputs = serve(examples=serialized)
+  try:
+    outputs = serve(examples=serialized)
+  except tf.errors.InvalidArgumentError as error:
+    sys.exit(f"error: --export_dir={FLAGS.export_dir} does not read the "
+             f"records of --data_dir={FLAGS.data_dir} (a model trained on "
+             f"other data?): {_reason(error)}")
   if info.schema.is_regression:
     values = outputs["values"]
     mae = float(tf.reduce_mean(tf.abs(values - labels)))

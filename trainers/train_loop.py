@@ -88,6 +88,9 @@ def reader_source(config: TrainConfig) -> DataSource:
                     f"(splits: {sorted(info.splits)})")
   eval_split = next((name for name in ("validation", "test")
                      if name in info.splits), None)
+  if eval_split is None:
+    logging.warning("%s has no validation or test split: training without "
+                    "evaluation", config.data_dir)
   cache = config.cache
   if cache is None:
     cache = decoded_bytes(info.schema, info.splits["train"].num_examples,

@@ -101,7 +101,11 @@ def list_examples(input_dir: str) -> common.Listing:
     count, leftover = divmod(metadata.size_in_bytes, record_size)
     items += [common.Item(f"{file_name}:{index}", (metadata.path, index),
                           None, split) for index in range(count)]
-    if leftover:
+    if not count:
+      rejected.append(common.Rejected(
+          file_name, metadata.path, f"holds no whole record ({leftover} "
+          f"bytes; a record is {record_size})", split))
+    elif leftover:
       rejected.append(common.Rejected(
           f"{file_name}:{count}", f"{metadata.path}:{count}",
           f"partial record: {leftover} of {record_size} bytes at the end of "

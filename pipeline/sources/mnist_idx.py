@@ -78,17 +78,26 @@ def list_examples(input_dir: str) -> common.Listing:
     with _open(labels_path) as stream:
       labels_header = stream.read(8)
       labels = np.frombuffer(stream.read(), np.uint8)
-    bad_file = None
-    if len(header) < 16 or struct.unpack(">I", header[:4])[0] != IMAGES_MAGIC:
-      bad_file = (images_path, f"not an IDX uint8 image file (magic "
-                  f"{header[:4].hex() or 'missing'}, expected 00000803)")
-    elif len(labels_header) < 8 or \
-        struct.unpack(">I", labels_header[:4])[0] != LABELS_MAGIC:
-      bad_file = (labels_path, f"not an IDX uint8 label file (magic "
-                  f"{labels_header[:4].hex() or 'missing'}, expected 00000801)")
-    if bad_file:
-      rejected.append(common.Rejected(posixpath.basename(bad_file[0]),
-                                      bad_file[0], bad_file[1], split))
+    images_ok = (len(header) == 16 and
+                 struct.unpack(">I", header[:4])[0] == IMAGES_MAGIC)
+    labels_ok = (len(labels_header) == 8 and
+                 struct.unpack(">I", labels_header[:4])[0] == LABELS_MAGIC)
+    if not (images_ok and labels_ok):
+      bad_path, what, magic, expected = (
+          (labels_path, "label", labels_header, "00000801") if images_ok else
+          (images_path, "image", header, "00000803"))
+      reason = (f"{posixpath.basename(bad_path)} is not an IDX uint8 {what} "
+                f"file (magic {magic[:4].hex() or 'missing'}, expected "
+                f"{expected})")
+      # Every example the readable file lists is lost, and counted: one
+      # rejection for the file would let a whole split pass as 1 bad record.
+      readable, count_at = ((header, 4) if images_ok else
+                            (labels_header, 4) if labels_ok else (None, 0))
+      lost = struct.unpack(">I", readable[count_at:count_at + 4])[0] \
+          if readable else 1
+      name = posixpath.basename(images_path)
+      rejected += [common.Rejected(f"{name}:{index}", f"{bad_path}:{index}",
+                                   reason, split) for index in range(lost)]
       continue
     count, height, width = struct.unpack(">III", header[4:16])
     (label_count,) = struct.unpack(">I", labels_header[4:8])
