@@ -175,7 +175,22 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
   if existing:
     FileSystems.delete(existing)
   if not FileSystems.exists(output_dir):
-    FileSystems.mkdirs(output_dir)
+    try:
+      FileSystems.mkdirs(output_dir)
+    except OSError as error:  # a file in the way, no permission, ...
+      raise UserError(f"--output_dir={output_dir}: cannot create it "
+                      f"({getattr(error, 'strerror', None) or error})") from error
+
+
+def check_output_outside_input(input_path: str, output_dir: str) -> None:
+  """An output dir inside the input dir would be read as input next time
+  (an image folder would gain a class named after it)."""
+  def normal(path):
+    return path.rstrip("/") if "://" in path else os.path.abspath(path)
+  source, output = normal(input_path), normal(output_dir)
+  if output == source or output.startswith(source.rstrip("/") + "/"):
+    raise UserError(f"--output_dir={output_dir} is inside --input="
+                    f"{input_path}; write the dataset elsewhere")
 
 
 # --- the job -----------------------------------------------------------------
@@ -319,10 +334,22 @@ def summarize(tasks: dict, results: dict, listing_rejected: list) -> tuple:
   return summaries, splits_metadata, rejected
 
 
+def describe_labels(schema) -> str:
+  """What the labels became: a CSV column of numbers that are not all
+  integers is a regression target, which the user should see."""
+  if schema.class_names is None:
+    return "labels: a regression target (float32: not all class ids)"
+  names = schema.class_names
+  shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+  return f"labels: {len(names)} classes ({shown})"
+
+
 def _convert(config: ConvertConfig, beam_args: list) -> list:
   started = time.monotonic()
   if config.source != "tfds" and not path_exists(config.input):
     raise UserError(f"{config.input}: no such file or directory")
+  if config.source != "tfds":
+    check_output_outside_input(config.input, config.output_dir)
   prepare_output_dir(config.output_dir, config.overwrite)
   listing = list_source(config)
   raw_splits = sorted({item.split for item in listing.items} - {None})
@@ -336,7 +363,8 @@ def _convert(config: ConvertConfig, beam_args: list) -> list:
   listing_rejected = [entry._replace(split=entry.split or shard_writer.assign_split(
       entry.key, splits)) for entry in listing.rejected]
   print(f"listed and planned {len(listing.items)} examples in "
-        f"{time.monotonic() - started:.1f} s", flush=True)
+        f"{time.monotonic() - started:.1f} s; {describe_labels(listing.schema)}",
+        flush=True)
 
   shard_config = shard_writer.ShardConfig(
       output_dir=config.output_dir, name=config.name, schema=listing.schema,

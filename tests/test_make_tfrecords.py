@@ -235,13 +235,17 @@ def test_demo_shapes_are_deterministic(tmp_path):
     (["--input=RAW", "--output_dir=OUT", "--max_bad_fraction=2"],
      "max_bad_fraction"),
     (["--input=RAW", "--output_dir=DATASET"], "already holds a dataset"),
+    (["--input=RAW", "--output_dir=RAW/tfrecords"], "is inside --input="),
+    (["--input=RAW", "--output_dir=AFILE/out"], "cannot create it"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(raw_images, tmp_path, args,
                                                   message):
   (tmp_path / "empty").mkdir()
+  (tmp_path / "afile").write_text("a file, not a dir")
   convert.convert(config(raw_images, tmp_path / "dataset", num_shards=1))
   paths = {"RAW": str(raw_images), "EMPTY": str(tmp_path / "empty"),
-           "OUT": str(tmp_path / "out"), "DATASET": str(tmp_path / "dataset")}
+           "OUT": str(tmp_path / "out"), "DATASET": str(tmp_path / "dataset"),
+           "AFILE": str(tmp_path / "afile")}
   for placeholder, path in paths.items():
     args = [arg.replace(f"={placeholder}", f"={path}") for arg in args]
   result = run_cli(*args)

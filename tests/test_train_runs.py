@@ -9,6 +9,7 @@ events, one-line flag errors, and the CNN learning the demo shapes.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,13 +169,17 @@ def test_sigkill_then_restart_ends_with_the_same_weights(
   assert_same_values(checkpoint_values(tmp_path), uninterrupted)
 
 
-def test_sigterm_saves_exits_42_and_resumes_exactly(
-    image_dataset_dir, tmp_path, uninterrupted):
+@pytest.mark.parametrize("send_signal, code, said", [
+    (signal.SIGTERM, 42, "preempted: SIGTERM: checkpoint saved at step"),
+    (signal.SIGINT, 130, "interrupted: Ctrl-C: checkpoint saved at step"),
+])
+def test_sigterm_or_ctrl_c_saves_exits_and_resumes_exactly(
+    image_dataset_dir, tmp_path, uninterrupted, send_signal, code, said):
   returncode, stderr = start_and_interrupt(image_dataset_dir, tmp_path,
-                                           signal.SIGTERM)
-  assert returncode == 42, stderr[-3000:]
-  assert "preempted: SIGTERM: checkpoint saved at step" in stderr
-  saved_step = int(stderr.rsplit("saved at step ", 1)[1].split()[0])
+                                           send_signal)
+  assert returncode == code, stderr[-3000:]
+  assert said in stderr and "Traceback" not in stderr
+  saved_step = int(re.search(r"saved at step (\d+)", stderr).group(1))
   latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
   assert latest.endswith(f"ckpt-{saved_step}")  # the current step
   result = train_ok(image_dataset_dir, tmp_path, "--export=false", *RESUME)
@@ -326,6 +331,8 @@ def test_tensorboard_events_hold_the_scalars(default_run):
     ("mlp", ["--data_dir={images}", "--model_dir={tmp}"], "tabular dataset"),
     ("cnn", ["--data_dir={images}", "--model_dir={tmp}", "--image_size=0,x"],
      "--image_size"),
+    ("cnn", ["--data_dir={images}", "--model_dir={afile}"],
+     "--model_dir={afile}: cannot create it"),
     ("cnn", ["--data_dir={images}", "--model_dir={tmp}", "--strategy=tpu",
              "--tpu=grpc://127.0.0.1:{port}", "--tpu_timeout=3"],
      "no answer within 3 s"),
@@ -337,14 +344,16 @@ def test_bad_input_is_one_line_and_exit_1(module, args, message,
   with socket.socket() as listener:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
+    (tmp_path / "afile").write_text("a file, not a dir")
     values = dict(missing=tmp_path / "nothing", tmp=tmp_path / "model",
-                  images=image_dataset_dir, port=listener.getsockname()[1])
+                  images=image_dataset_dir, port=listener.getsockname()[1],
+                  afile=tmp_path / "afile")
     started = time.monotonic()
     result = run_trainer(module, *[arg.format(**values) for arg in args],
                          timeout=120)
   assert result.returncode == 1, result.stderr[-3000:]
   last_line = result.stderr.strip().splitlines()[-1]
-  assert message in last_line and "error" in last_line
+  assert message.format(**values) in last_line and "error" in last_line
   assert "Traceback" not in result.stderr
   assert time.monotonic() - started < 60
 

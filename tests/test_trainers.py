@@ -137,12 +137,14 @@ def test_ram_model_dir_and_resume(image_dataset_dir):
   assert tf.io.gfile.exists(f"{model_dir}/checkpoints/ckpt-18.index")
 
 
-def test_sigterm_handler_is_restored(image_dataset_dir, tmp_path):
-  before = signal.getsignal(signal.SIGTERM)
+def test_signal_handlers_are_restored(image_dataset_dir, tmp_path):
+  before = [signal.getsignal(signum) for signum in (signal.SIGTERM,
+                                                     signal.SIGINT)]
   train_loop.train_and_evaluate(
       tiny_config(image_dataset_dir, tmp_path, train_steps=2, export=False),
       cnn_builder())
-  assert signal.getsignal(signal.SIGTERM) is before
+  assert [signal.getsignal(signum) for signum in (signal.SIGTERM,
+                                                  signal.SIGINT)] == before
 
 
 def test_linear_regression_fits(vector_dataset_dir, tmp_path):
@@ -186,6 +188,22 @@ def test_corrupt_latest_checkpoint_falls_back(image_dataset_dir, tmp_path,
   assert "continuing at step 6" in caplog.text
   state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
   assert state.model_checkpoint_path.endswith("ckpt-14")
+
+
+def test_resuming_with_other_settings_says_which(image_dataset_dir, tmp_path,
+                                                 caplog):
+  caplog.set_level(logging.INFO, logger="absl")
+  config = tiny_config(image_dataset_dir, tmp_path, export=False)
+  train_loop.train_and_evaluate(config, cnn_builder())
+  longer = dataclasses.replace(config, train_steps=14)  # same run, longer
+  train_loop.train_and_evaluate(longer, cnn_builder())
+  assert "resuming with settings" not in caplog.text
+  other = dataclasses.replace(longer, train_steps=16, batch_size=32, seed=3)
+  train_loop.train_and_evaluate(other, cnn_builder())
+  assert ("resuming with settings other than the checkpoint's (--batch_size "
+          "16 -> 32, --seed 0 -> 3)") in caplog.text
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["batch_size"] == 32  # the newest run's settings
 
 
 # --- export ------------------------------------------------------------------

@@ -24,6 +24,13 @@ class Preempted(Exception):
   """SIGTERM arrived and a checkpoint was saved at the current step."""
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C
+
+
+class Interrupted(Exception):
+  """Ctrl-C arrived and a checkpoint was saved at the current step."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """What one training run does. Steps are global steps (one global batch)."""

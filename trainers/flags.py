@@ -48,7 +48,9 @@ flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints to keep.",
 flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0: only at the "
                      "end).", lower_bound=0)
 flags.DEFINE_integer("log_every", 100, "Progress line and TensorBoard train "
-                     "scalars every N steps.", lower_bound=1)
+                     "scalars every N steps (checked after each "
+                     "--steps_per_loop steps, so at least that far apart).",
+                     lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.",
                    lower_bound=0.0)
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"],
@@ -155,6 +157,9 @@ def run(main) -> None:
     except config_lib.Preempted as preempted:
       sys.stderr.write(f"preempted: {preempted}\n")
       sys.exit(config_lib.PREEMPTED_EXIT_CODE)
+    except config_lib.Interrupted as interrupted:
+      sys.stderr.write(f"interrupted: {interrupted}\n")
+      sys.exit(config_lib.INTERRUPTED_EXIT_CODE)
     except Exception as error:  # pylint: disable=broad-except
       bad_data = _describe_data_error(error)
       if bad_data:  # a restart would read the same bytes: exit 1, no retry

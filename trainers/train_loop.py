@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from typing import Callable
 
@@ -35,7 +34,7 @@ from tensorflow.core.framework import summary_pb2
 
 from trainers import export as export_lib
 from trainers import strategy as strategy_lib
-from trainers.config import Preempted, TrainConfig, UserError
+from trainers.config import Interrupted, Preempted, TrainConfig, UserError
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -298,22 +297,35 @@ class SigtermWatch:
   """Single-process preemption: SIGTERM sets a flag that the loop checks after
   each host-loop call; it then saves at that step and raises Preempted (exit
   code 42). PreemptionCheckpointHandler does nothing on a TPU VM or a GCE CPU
-  VM, so every single-process run, TPU included, uses this.
+  VM, so every single-process run, TPU included, uses this. Ctrl-C (SIGINT)
+  saves the same way and raises Interrupted (exit code 130); a second Ctrl-C
+  stops at once.
   """
 
   def __init__(self, checkpoints: Checkpoints):
     self.checkpoints = checkpoints
-    self.received = threading.Event()
-    self.previous_handler = signal.signal(
-        signal.SIGTERM, lambda signum, frame: self.received.set())
+    self.received = []
+    self.previous_handlers = {
+        signum: signal.signal(signum, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if signum == signal.SIGINT and signal.SIGINT in self.received:
+      raise KeyboardInterrupt  # the second Ctrl-C: no waiting for a save
+    self.received.append(signum)
 
   def check(self, step: int) -> None:
-    if self.received.is_set():
-      self.checkpoints.save(step)
-      raise Preempted(f"SIGTERM: checkpoint saved at step {step}")
+    if not self.received:
+      return
+    self.checkpoints.save(step)
+    if self.received[0] == signal.SIGINT:
+      raise Interrupted(f"Ctrl-C: checkpoint saved at step {step}; the same "
+                        "command continues from it")
+    raise Preempted(f"SIGTERM: checkpoint saved at step {step}")
 
   def close(self) -> None:
-    signal.signal(signal.SIGTERM, self.previous_handler)
+    for signum, handler in self.previous_handlers.items():
+      signal.signal(signum, handler)
 
 
 class MultiWorkerWatch:
@@ -414,6 +426,30 @@ def next_stop(step: int, config: TrainConfig) -> int:
   return stop
 
 
+# Settings a resumed run may change without changing what it computes.
+RUN_LENGTH_SETTINGS = frozenset({
+    "train_steps", "checkpoint_every", "keep_checkpoints", "eval_every",
+    "log_every", "export", "export_tflite", "tflite_quantization",
+    "tpu_timeout"})
+
+
+def warn_about_changed_settings(config_path: str, config: TrainConfig) -> None:
+  """Exact resume needs the settings the checkpoint was trained with: say
+  which ones differ (the run goes on; the user may mean it)."""
+  if not tf.io.gfile.exists(config_path):
+    return
+  with tf.io.gfile.GFile(config_path) as f:
+    before = json.load(f)
+  now = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists
+  changed = [f"--{name} {before[name]} -> {now[name]}" for name in sorted(now)
+             if name in before and before[name] != now[name]
+             and name not in RUN_LENGTH_SETTINGS]
+  if changed:
+    logging.warning("resuming with settings other than the checkpoint's "
+                    "(%s): the run continues, but not as the uninterrupted "
+                    "run would have", ", ".join(changed))
+
+
 def write_json(path: str, values: dict) -> None:
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
@@ -453,10 +489,11 @@ def train_and_evaluate(config: TrainConfig, build_model: Callable,
   is_regression = source.schema.class_names is None
   set_seeds(config.seed, config.deterministic)
   chief = strategy_lib.is_chief(strategy)
-  tf.io.gfile.makedirs(config.model_dir)
-  if chief:
-    write_json(os.path.join(config.model_dir, "config.json"),
-               dataclasses.asdict(config))
+  try:
+    tf.io.gfile.makedirs(config.model_dir)
+  except tf.errors.OpError as error:  # a file in the way, no permission
+    raise UserError(f"--model_dir={config.model_dir}: cannot create it "
+                    f"({error.message})") from error
 
   with strategy.scope():
     model = build_model(source.schema, config.mixed_precision)
@@ -473,6 +510,11 @@ def train_and_evaluate(config: TrainConfig, build_model: Callable,
   if restored:
     checkpoints.last_saved_step = step
     logging.info("restored %s: continuing at step %d", restored, step)
+  config_path = os.path.join(config.model_dir, "config.json")
+  if restored:
+    warn_about_changed_settings(config_path, config)
+  if chief:  # after the restore: a run that cannot restore changes nothing
+    write_json(config_path, dataclasses.asdict(config))
   # Resume: the reader skips the `step` global batches already trained on.
   start_step = step
   iterator = iter(strategy.distribute_datasets_from_function(
@@ -535,4 +577,8 @@ def train_and_evaluate(config: TrainConfig, build_model: Callable,
                       image_size=config.image_size, tflite=config.export_tflite,
                       quantization=config.tflite_quantization)
   logging.info("done at step %d: %s", step, json.dumps(final))
+  if chief:
+    wrote = ["checkpoints/", "metrics.json", "train/ and eval/ (TensorBoard)"
+             ] + (["export/ (SavedModel)"] if config.export else [])
+    logging.info("wrote in %s: %s", config.model_dir, ", ".join(wrote))
   return final

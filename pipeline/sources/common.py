@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import typing
 
 from apache_beam.io.filesystems import FileSystems
@@ -118,6 +119,12 @@ def read_fixed_size_records(items: list, header_size: int,
 JPEG_QUALITY = 95
 
 
+def pil_reason(error: Exception) -> str:
+  """PIL's message without the buffer's address ("cannot identify image file
+  <_io.BytesIO object at 0x7f..>"), so dead-letter files repeat exactly."""
+  return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+
+
 def reencode_image(data: bytes, image_size: tuple | None,
                    image_format: str | None, source_format: str) -> tuple:
   """Decodes, resizes to (height, width) if given, re-encodes.
@@ -131,7 +138,7 @@ def reencode_image(data: bytes, image_size: tuple | None,
     with Image.open(io.BytesIO(data)) as image:
       image = image.convert("L" if image.mode in ("L", "1", "I;16") else "RGB")
   except Exception as error:  # PIL raises many types for bad bytes.
-    raise ValueError(f"does not decode: {error}") from error
+    raise ValueError(f"does not decode: {pil_reason(error)}") from error
   if image_size is not None:
     height, width = image_size
     image = image.resize((width, height), Image.Resampling.BILINEAR)

@@ -24,7 +24,9 @@ from pipeline.sources import common
 def _rows(path: str):
   """Yields (row_number, fields) after the header; row 0 is the first data row."""
   with FileSystems.open(path) as stream:  # .gz decompressed by extension
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    # utf-8-sig: a byte-order mark (Excel's CSV export writes one) would
+    # otherwise become part of the first column's name.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     reader = csv.reader(text, delimiter="\t" if ".tsv" in path else ",")
     yield -1, next(reader, None)
     yield from enumerate(reader)

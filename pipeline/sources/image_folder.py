@@ -86,7 +86,7 @@ def inspect_image(data: bytes) -> tuple:
       channels = len(image.getbands())
       return image.height, image.width, channels, image.format.lower()
   except Exception as error:  # PIL raises many types for bad bytes.
-    raise ValueError(f"not an image: {error}") from error
+    raise ValueError(f"not an image: {common.pil_reason(error)}") from error
 
 
 def _read_local(path: str) -> bytes:
