@@ -346,9 +346,9 @@ def describe_labels(schema) -> str:
 
 def _convert(config: ConvertConfig, beam_args: list) -> list:
   started = time.monotonic()
-  if config.source != "tfds" and not path_exists(config.input):
-    raise UserError(f"{config.input}: no such file or directory")
-  if config.source != "tfds":
+  if config.source != "tfds":  # a TFDS name, not a path
+    if not path_exists(config.input):
+      raise UserError(f"{config.input}: no such file or directory")
     check_output_outside_input(config.input, config.output_dir)
   prepare_output_dir(config.output_dir, config.overwrite)
   listing = list_source(config)

@@ -209,9 +209,10 @@ def describe_data_error(error: Exception,
 
   A shard that fails its record count (see _read_shard) gives its path and
   counts, naming `skip_option` as the way around (the trainers name their
-  flag; None: there is none). An image that does not decode (a JPEG corrupt in the middle passes
-  the converter's header and end-marker check) gives TF's reason, which
-  names no record; with `data_dir`, find_undecodable() then looks for it.
+  flag; None: there is none). An image that does not decode (a JPEG corrupt
+  in the middle passes the converter's header and end-marker check) gives
+  TF's reason, which names no record; with `data_dir`, find_undecodable()
+  then looks for it.
   """
   if not isinstance(error, tf.errors.InvalidArgumentError):
     return None
@@ -369,9 +370,7 @@ def load(data_dir: str, split: str, global_batch_size: int, *,
     A tf.data.Dataset with static shapes.
   """
   dataset_info = metadata.read(data_dir)
-  if split not in dataset_info.splits:
-    raise ValueError(f"{data_dir}: no split {split!r}; it has "
-                     f"{sorted(dataset_info.splits)}")
+  _check_split(dataset_info, data_dir, split)
   if global_batch_size <= 0:
     raise ValueError(f"global_batch_size must be positive, got "
                      f"{global_batch_size}")
@@ -461,6 +460,13 @@ def _evaluation_stream(share: _PipelineShare, compression, parse, *,
                                          num_batches - real_batches))
 
 
+def _check_split(dataset_info: metadata.DatasetInfo, data_dir: str,
+                 split: str) -> None:
+  if split not in dataset_info.splits:
+    raise ValueError(f"{data_dir}: no split {split!r}; it has "
+                     f"{sorted(dataset_info.splits)}")
+
+
 def _records_in_order(files, lengths, compression) -> tf.data.Dataset:
   """Every record of `files`, file after file, each file's count checked."""
   shards = tf.data.Dataset.from_tensor_slices(
@@ -475,9 +481,7 @@ def serialized_records(data_dir: str, split: str) -> tf.data.Dataset:
   export's serving signature takes. Shards are checked as load() checks
   them; describe_data_error() turns their errors into one line."""
   dataset_info = metadata.read(data_dir)
-  if split not in dataset_info.splits:
-    raise ValueError(f"{data_dir}: no split {split!r}; it has "
-                     f"{sorted(dataset_info.splits)}")
+  _check_split(dataset_info, data_dir, split)
   split_info = dataset_info.splits[split]
   return _records_in_order(split_info.files, split_info.shard_lengths,
                            dataset_info.compression)

@@ -91,10 +91,8 @@ def list_examples(input_dir: str) -> common.Listing:
                 f"{expected})")
       # Every example the readable file lists is lost, and counted: one
       # rejection for the file would let a whole split pass as 1 bad record.
-      readable, count_at = ((header, 4) if images_ok else
-                            (labels_header, 4) if labels_ok else (None, 0))
-      lost = struct.unpack(">I", readable[count_at:count_at + 4])[0] \
-          if readable else 1
+      readable = header if images_ok else labels_header if labels_ok else None
+      lost = struct.unpack(">I", readable[4:8])[0] if readable else 1
       name = posixpath.basename(images_path)
       rejected += [common.Rejected(f"{name}:{index}", f"{bad_path}:{index}",
                                    reason, split) for index in range(lost)]
